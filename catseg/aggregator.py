@@ -1,0 +1,292 @@
+"""Cost volume and cost aggregation: spatial (Swin windows per class map) then class (linear attention per pixel).
+
+Shapes: B images, T classes, P prompt templates, C CLIP embedding width, D hidden width, G guidance width,
+h x w the CLIP patch grid (24 x 24).
+
+Guidance enters attention as ``Linear(concat(x, g))``. The linear map is split into its x and g column blocks
+so the guidance term is computed once per image (spatial) or once per class (class attention) and broadcast,
+instead of materializing the guidance repeated over every class or pixel: same function, bounded memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def cost_volume(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every patch with every class prompt: (B,C,h,w), (B,T,P,C) -> (B,P,T,h,w)."""
+    image_features = F.normalize(image_features, dim=1)
+    text_features = F.normalize(text_features, dim=-1)
+    return torch.einsum("bchw,btpc->bpthw", image_features, text_features)
+
+
+def guided_linear(layer: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+    """``layer(concat(x, guidance))`` with ``guidance`` broadcastable against ``x`` in all but the last dim."""
+    width = x.shape[-1]
+    out = F.linear(x, layer.weight[:, :width], layer.bias)
+    if guidance is not None:
+        out = out + F.linear(guidance, layer.weight[:, width:])
+    return out
+
+
+class WindowAttention(nn.Module):
+    """Softmax attention inside windows; q and k see the guidance, v does not. No relative position bias."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim + guidance_dim, dim)
+        self.k = nn.Linear(dim + guidance_dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, guidance: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x: ... x nW x L x D windows; guidance broadcastable to x (... x nW x L x G); mask: nW x L x L."""
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # ... x nW x L x D -> ... x nW x heads x L x D/heads
+            return rearrange(t, "... w l (h d) -> ... w h l d", h=heads)
+
+        q = split(guided_linear(self.q, x, guidance))
+        k = split(guided_linear(self.k, x, guidance))
+        v = split(self.v(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1))
+        return self.proj(rearrange(out, "... w h l d -> ... w l (h d)"))
+
+
+def shifted_window_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """Additive mask (-100 across regions that a cyclic shift made adjacent), nW x window² x window²."""
+    regions = torch.zeros(height, width)
+    label = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            regions[hs, ws] = label
+            label += 1
+    windows = rearrange(regions, "(nh a) (nw b) -> (nh nw) (a b)", a=window, b=window)
+    different = windows.unsqueeze(1) != windows.unsqueeze(2)
+    return different.float() * -100.0
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window transformer block over a single class's cost map, guided by CLIP features."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, resolution: int, window: int, shift: int):
+        super().__init__()
+        if resolution <= window:  # one window covers the map: nothing to shift
+            window, shift = resolution, 0
+        self.resolution, self.window, self.shift = resolution, window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, guidance_dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1 = nn.Linear(dim, dim * 4)
+        self.mlp.act = nn.GELU()
+        self.mlp.fc2 = nn.Linear(dim * 4, dim)
+        mask = shifted_window_mask(resolution, resolution, window, shift) if shift > 0 else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _to_windows(self, x: torch.Tensor) -> torch.Tensor:  # N x H x W x D -> N x nW x L x D
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        return rearrange(x, "n (nh a) (nw b) d -> n (nh nw) (a b) d", a=self.window, b=self.window)
+
+    def _from_windows(self, x: torch.Tensor) -> torch.Tensor:  # N x nW x L x D -> N x H x W x D
+        side = self.resolution // self.window
+        x = rearrange(x, "n (nh nw) (a b) d -> n (nh a) (nw b) d", nh=side, nw=side, a=self.window)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: N x H x W x D (N = B*T class maps); guidance: B x H x W x G, normalized."""
+        batch = guidance.shape[0] if guidance is not None else 1
+        windows = self._to_windows(self.norm1(x))
+        if guidance is not None:
+            # class maps are ordered image-major (b t): view them as B x T to broadcast each image's guidance
+            g = self._to_windows(guidance).unsqueeze(1)  # B x 1 x nW x L x G
+            windows = windows.view(batch, -1, *windows.shape[1:])
+            out = self.attn(windows, g, self.attn_mask).flatten(0, 1)
+        else:
+            out = self.attn(windows, None, self.attn_mask)
+        x = x + self._from_windows(out)
+        return x + self.mlp(self.norm2(x))
+
+
+class SpatialAggregation(nn.Module):
+    """Two Swin blocks (plain, then shifted) applied to each class's cost map independently."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, resolution: int, window: int) -> None:
+        super().__init__()
+        self.block_1 = SwinBlock(dim, guidance_dim, num_heads, resolution, window, shift=0)
+        self.block_2 = SwinBlock(dim, guidance_dim, num_heads, resolution, window, shift=window // 2)
+        self.guidance_norm = nn.LayerNorm(guidance_dim)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """x: B x D x T x h x w; guidance: B x G x h x w -> B x D x T x h x w."""
+        batch, _, classes, _, _ = x.shape
+        g = self.guidance_norm(rearrange(guidance, "b g h w -> b h w g"))
+        y = rearrange(x, "b d t h w -> (b t) h w d")
+        y = self.block_2(self.block_1(y, g), g)
+        return rearrange(y, "(b t) h w d -> b d t h w", b=batch, t=classes)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_counts: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention ("Transformers are RNNs") with feature map elu+1. q: N x L x heads x d; k, v: N x S x
+    heads x d. ``key_counts`` (S) says how many identical copies each key/value stands for (default 1 each).
+
+    The values are divided by the sequence length and the result multiplied back (the reference does this to
+    avoid fp16 overflow); kept so half-precision runs match.
+    """
+    q = F.elu(q) + 1
+    k = F.elu(k) + 1
+    length = v.shape[1]
+    if key_counts is not None:
+        k = k * key_counts.view(1, -1, 1, 1)
+        length = int(key_counts.sum().item())
+    kv = torch.einsum("nshd,nshv->nhdv", k, v / length)  # N x heads x d x d
+    normalizer = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)  # N x L x heads
+    out = torch.einsum("nlhd,nhdv->nlhv", q, kv)
+    return out * normalizer.unsqueeze(-1) * length
+
+
+class ClassAggregation(nn.Module):
+    """Attention across classes at each pixel: no positional encoding, so permuting classes permutes outputs.
+
+    The class sequence is padded to ``pad_len`` with one learned token: linear attention sums over all keys,
+    so the padding changes the result and is reproduced exactly. All padding positions hold the same token
+    and guidance, so they enter as one key counted ``pad_len - T`` times; their outputs are discarded, as in
+    the reference. Cost grows with T, not with ``pad_len``.
+    """
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, train_pooling: int, pad_len: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.train_pooling = train_pooling
+        self.pad_len = pad_len
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim + guidance_dim, dim)
+        self.k = nn.Linear(dim + guidance_dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.ReLU(), nn.Linear(dim * 4, dim))
+        if pad_len > 0:
+            self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
+            self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """x: B x D x T x h x w; guidance: B x T x G -> B x D x T x h x w."""
+        batch, dim, classes, height, width = x.shape
+        pooling = self.train_pooling if self.training else 1
+        pooled = x
+        if pooling > 1:
+            pooled = F.avg_pool2d(rearrange(x, "b d t h w -> (b t) d h w"), pooling)
+            pooled = rearrange(pooled, "(b t) d h w -> b d t h w", b=batch)
+        ph, pw = pooled.shape[-2:]
+        tokens = rearrange(pooled, "b d t h w -> b (h w) t d")  # one class sequence per pixel
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # B x pixels x T x D -> (B pixels) x T x heads x D/heads
+            t = t.expand(batch, ph * pw, -1, -1)
+            return rearrange(t, "b p t (h d) -> (b p) t h d", h=heads)
+
+        normed = self.norm1(tokens)
+        text = guidance.unsqueeze(1)  # B x 1 x T x G, broadcast over pixels
+        q = split(guided_linear(self.q, normed, text))
+        k = split(guided_linear(self.k, normed, text))
+        v = split(self.v(normed))
+        counts = None
+        if self.pad_len > 0 and classes < self.pad_len:
+            pad = self.norm1(self.padding_tokens).unsqueeze(0)  # 1 x 1 x 1 x D, the same at every pixel
+            k = torch.cat([k, split(guided_linear(self.k, pad, self.padding_guidance.unsqueeze(0)))], dim=1)
+            v = torch.cat([v, split(self.v(pad))], dim=1)
+            counts = torch.ones(classes + 1, device=x.device, dtype=x.dtype)
+            counts[-1] = self.pad_len - classes
+        attended = rearrange(linear_attention(q, k, v, counts), "(b p) t h d -> b p t (h d)", b=batch)
+        tokens = tokens + attended  # no output projection, as in the reference
+        tokens = tokens + self.mlp(self.norm2(tokens))
+
+        out = rearrange(tokens, "b (h w) t d -> b d t h w", h=ph, w=pw)
+        if pooling > 1:
+            out = F.interpolate(
+                rearrange(out, "b d t h w -> (b t) d h w"),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=True,
+            )
+            out = rearrange(out, "(b t) d h w -> b d t h w", b=batch)
+        return x + out  # ``out`` already holds its own residual: the result is about 2x + delta
+
+
+class AggregatorLayer(nn.Module):
+    def __init__(self, config_dims: dict[str, int]) -> None:
+        super().__init__()
+        d = config_dims
+        self.spatial = SpatialAggregation(d["dim"], d["guidance"], d["heads"], d["resolution"], d["window"])
+        self.class_attention = ClassAggregation(
+            d["dim"], d["guidance"], d["heads"], d["pooling"], d["pad_len"]
+        )
+
+    def forward(self, x: torch.Tensor, appearance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.class_attention(self.spatial(x, appearance), text)
+
+
+class CostAggregator(nn.Module):
+    """Cost embedding, guidance projections and the stack of spatial + class aggregation layers."""
+
+    def __init__(
+        self,
+        *,
+        clip_dim: int,
+        prompts: int,
+        hidden_dim: int,
+        guidance_dim: int,
+        num_heads: int,
+        num_layers: int,
+        resolution: int,
+        window: int,
+        kernel: int,
+        train_pooling: int,
+        pad_len: int,
+    ) -> None:
+        super().__init__()
+        self.cost_embed = nn.Conv2d(prompts, hidden_dim, kernel_size=kernel, padding=kernel // 2)
+        self.appearance_guidance_proj = nn.Sequential(
+            nn.Conv2d(clip_dim, guidance_dim, kernel_size=3, padding=1), nn.ReLU()
+        )
+        self.text_guidance_proj = nn.Sequential(nn.Linear(clip_dim, guidance_dim), nn.ReLU())
+        dims = {
+            "dim": hidden_dim,
+            "guidance": guidance_dim,
+            "heads": num_heads,
+            "resolution": resolution,
+            "window": window,
+            "pooling": train_pooling,
+            "pad_len": pad_len,
+        }
+        self.layers = nn.ModuleList(AggregatorLayer(dims) for _ in range(num_layers))
+
+    def forward(self, cost: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor):
+        """cost: B x P x T x h x w; image_features: B x C x h x w; text_features: B x T x P x C.
+
+        Returns the aggregated cost volume, B x D x T x h x w.
+        """
+        batch = cost.shape[0]
+        x = self.cost_embed(rearrange(cost, "b p t h w -> (b t) p h w"))  # no activation, as in the reference
+        x = rearrange(x, "(b t) d h w -> b d t h w", b=batch)
+        appearance = self.appearance_guidance_proj(image_features)
+        text = F.normalize(text_features.mean(dim=-2), dim=-1)  # average over prompt templates
+        text = self.text_guidance_proj(text)
+        for layer in self.layers:
+            x = layer(x, appearance, text)
+        return x

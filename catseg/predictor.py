@@ -1,0 +1,189 @@
+"""Single-image and batched inference with the paper's sliding-window protocol.
+
+Protocol (as the reference evaluates): resize the image to 640 x 640 (aspect ignored); cut 4 crops of 384 with
+stride 256 plus one global view of the whole image at 384; sigmoid each view's logits (upsampled to 384);
+stitch the crops averaging overlaps; final = (stitched + global) / 2; resize to the original size.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import CATSeg, ClassesLike
+from .vocabulary import validate_vocabulary
+
+ImageLike = np.ndarray | torch.Tensor
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def crop_offsets(size: int, crop: int, stride: int) -> list[int]:
+    """Top-left offsets of sliding windows along one side (the last window ends at the border)."""
+    if crop >= size:
+        return [0]
+    offsets = list(range(0, size - crop + 1, stride))
+    if offsets[-1] != size - crop:
+        offsets.append(size - crop)
+    return offsets
+
+
+def image_to_tensor(image: ImageLike) -> torch.Tensor:
+    """H x W x 3 uint8/float array (or 3 x H x W float tensor) -> float 3 x H x W in 0..255."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be an RGB array H x W x 3, got shape {image.shape}")
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"image array must be uint8 (0..255) or float (0..255), got {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be 3 x H x W (RGB), got shape {tuple(image.shape)}")
+        return image.float()
+    if hasattr(image, "convert"):  # PIL image
+        return image_to_tensor(np.asarray(image.convert("RGB")))
+    raise TypeError(f"image must be a numpy array, torch tensor or PIL image, got {type(image).__name__}")
+
+
+class Predictor:
+    """Runs a :class:`CATSeg` model on images of any size; caches vocabulary embeddings.
+
+    ``device`` defaults to CUDA when available, else CPU. ``views_per_forward`` bounds how many 384 x 384
+    views go through the model at once (5 per image), which bounds memory for large vocabularies.
+    """
+
+    def __init__(
+        self,
+        model: CATSeg,
+        device: str | torch.device | None = None,
+        *,
+        resize: int = 640,
+        crop: int = 384,
+        stride: int = 256,
+        views_per_forward: int = 10,
+        cache_size: int = 4,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.resize, self.crop, self.stride = resize, crop, stride
+        self.offsets = [
+            (y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)
+        ]
+        self.views_per_forward = max(1, views_per_forward)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    # -- vocabulary -------------------------------------------------------------------------------------------
+    def _text_weights_version(self) -> tuple[int, ...]:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter: a changed text
+        # encoder invalidates cached embeddings without hashing weights.
+        clip = self.model.backbone.clip
+        return tuple(p._version for p in clip.transformer.parameters()) + (
+            clip.token_embedding.weight._version,
+            clip.text_projection._version,
+        )
+
+    def embed_classes(self, classes: ClassesLike) -> torch.Tensor:
+        """Text embeddings T x P x C for a vocabulary, cached by (model, vocabulary, text weights)."""
+        if isinstance(classes, torch.Tensor):
+            return self.model.text_embeddings(classes)
+        names = tuple(validate_vocabulary(classes))
+        key = (id(self.model), names, self._text_weights_version())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with torch.inference_mode():
+            embeddings = self.model.embed_classes(list(names))
+        self._cache[key] = embeddings
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return embeddings
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def _views(self, image: torch.Tensor) -> torch.Tensor:
+        """3 x H x W -> V x 3 x crop x crop: the sliding-window crops of the resized image, then the global view."""
+        resized = F.interpolate(
+            image[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False
+        )
+        crops = [resized[0, :, y : y + self.crop, x : x + self.crop] for y, x in self.offsets]
+        whole = F.interpolate(image[None], size=(self.crop, self.crop), mode="bilinear", align_corners=False)[
+            0
+        ]
+        return torch.stack([*crops, whole])
+
+    def _stitch(self, probs: torch.Tensor) -> torch.Tensor:
+        """V x T x crop x crop view probabilities -> T x resize x resize."""
+        classes = probs.shape[1]
+        total = probs.new_zeros(classes, self.resize, self.resize)
+        count = probs.new_zeros(1, self.resize, self.resize)
+        for view, (y, x) in zip(probs[:-1], self.offsets, strict=True):
+            total[:, y : y + self.crop, x : x + self.crop] += view
+            count[:, y : y + self.crop, x : x + self.crop] += 1
+        whole = F.interpolate(
+            probs[-1:], size=(self.resize, self.resize), mode="bilinear", align_corners=False
+        )[0]
+        return (total / count + whole) / 2
+
+    @torch.inference_mode()
+    def _probabilities_640(self, images: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+        views = torch.cat([self._views(img.to(self.device)) for img in images])
+        probs = []
+        for chunk in views.split(self.views_per_forward):
+            logits = self.model(chunk, text)
+            logits = F.interpolate(logits, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
+            probs.append(logits.sigmoid())
+        per_image = torch.cat(probs).split(len(self.offsets) + 1)
+        return [self._stitch(p) for p in per_image]
+
+    def predict(self, image: ImageLike, classes: ClassesLike) -> np.ndarray:
+        """Per-class probabilities T x H x W (float32) at the image's original size."""
+        return self.predict_batch([image], classes)[0]
+
+    def predict_batch(self, images: Sequence[ImageLike], classes: ClassesLike) -> list[np.ndarray]:
+        tensors = [image_to_tensor(img) for img in images]
+        text = self.embed_classes(classes)
+        out = []
+        for tensor, probs in zip(tensors, self._probabilities_640(tensors, text), strict=True):
+            size = tuple(tensor.shape[-2:])
+            full = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+            out.append(full.float().cpu().numpy())
+        return out
+
+    def predict_labels(
+        self, image: ImageLike, classes: ClassesLike, *, class_chunk: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(label map H x W int64, its probability H x W float32): the argmax of :meth:`predict`, computed in
+        class chunks so a large image never holds T x H x W floats."""
+        return self.predict_labels_batch([image], classes, class_chunk=class_chunk)[0]
+
+    def predict_labels_batch(
+        self, images: Sequence[ImageLike], classes: ClassesLike, *, class_chunk: int = 16
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        tensors = [image_to_tensor(img) for img in images]
+        text = self.embed_classes(classes)
+        out = []
+        for tensor, probs in zip(tensors, self._probabilities_640(tensors, text), strict=True):
+            size = tuple(tensor.shape[-2:])
+            best = labels = None
+            for start in range(0, probs.shape[0], class_chunk):
+                chunk = F.interpolate(
+                    probs[None, start : start + class_chunk], size=size, mode="bilinear", align_corners=False
+                )[0]
+                value, index = chunk.max(dim=0)
+                if best is None:
+                    best, labels = value, index
+                else:
+                    better = value > best  # strict: ties keep the lower class id, as argmax does
+                    best = torch.where(better, value, best)
+                    labels = torch.where(better, index + start, labels)
+            out.append((labels.cpu().numpy(), best.float().cpu().numpy()))
+        return out
