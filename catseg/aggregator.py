@@ -43,9 +43,7 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, guidance: torch.Tensor | None, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         """x: ... x nW x L x D windows; guidance broadcastable to x (... x nW x L x G); mask: nW x L x L."""
         heads = self.num_heads
 
@@ -186,7 +184,7 @@ class ClassAggregation(nn.Module):
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """x: B x D x T x h x w; guidance: B x T x G -> B x D x T x h x w."""
-        batch, dim, classes, height, width = x.shape
+        batch, _dim, classes, height, width = x.shape
         pooling = self.train_pooling if self.training else 1
         pooled = x
         if pooling > 1:
@@ -233,9 +231,7 @@ class AggregatorLayer(nn.Module):
         super().__init__()
         d = config_dims
         self.spatial = SpatialAggregation(d["dim"], d["guidance"], d["heads"], d["resolution"], d["window"])
-        self.class_attention = ClassAggregation(
-            d["dim"], d["guidance"], d["heads"], d["pooling"], d["pad_len"]
-        )
+        self.class_attention = ClassAggregation(d["dim"], d["guidance"], d["heads"], d["pooling"], d["pad_len"])
 
     def forward(self, x: torch.Tensor, appearance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.class_attention(self.spatial(x, appearance), text)

@@ -88,15 +88,15 @@ def _resolve_clip_weights(clip_pretrained: str) -> str:
     import fsspec
 
     suffix = ".safetensors" if clip_pretrained.endswith(".safetensors") else ".pt"
-    local = tempfile.NamedTemporaryFile(prefix="catseg-clip-", suffix=suffix, delete=False)
+    fd, local = tempfile.mkstemp(prefix="catseg-clip-", suffix=suffix)
     try:
-        with fsspec.open(clip_pretrained, "rb") as remote, local:
+        with fsspec.open(clip_pretrained, "rb") as remote, os.fdopen(fd, "wb") as out:
             while chunk := remote.read(64 << 20):
-                local.write(chunk)
+                out.write(chunk)
     except FileNotFoundError as err:
-        os.unlink(local.name)
+        os.unlink(local)
         raise FileNotFoundError(f"CLIP weights not found at {clip_pretrained}") from err
-    return local.name
+    return local
 
 
 def create_clip(config: ModelConfig, clip_pretrained: str | None = None) -> nn.Module:
@@ -146,7 +146,7 @@ class CLIPBackbone(nn.Module):
     def positional_embedding(self) -> torch.Tensor:
         """CLIP's positional embedding resized (bicubic) to this model's patch grid; CLS position kept."""
         pos = self.clip.visual.positional_embedding  # (1 + S*S) x W
-        side = int(round((pos.shape[0] - 1) ** 0.5))
+        side = round((pos.shape[0] - 1) ** 0.5)
         if side == self.grid_size:
             return pos
         grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # 1 x W x S x S

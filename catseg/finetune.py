@@ -54,9 +54,7 @@ def optimizer_param_groups(
     return [{"params": params, "lr": g_lr, "weight_decay": decay} for (g_lr, decay), params in groups.items()]
 
 
-def segmentation_loss(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-pixel binary cross-entropy over all classes against one-hot targets.
 
     logits: B x T x h x w (upsampled bilinearly to the targets' size); targets: B x H x W class indices.

@@ -67,9 +67,7 @@ class CATSeg(nn.Module):
         names = validate_vocabulary(class_names)
         prompts = [self.config.prompt_template.format(prompt_name(n)) for n in names]
         tokens = self.backbone.tokenize(prompts).to(self.device)
-        embeddings = torch.cat(
-            [self.backbone.encode_text(chunk) for chunk in tokens.split(batch_size)], dim=0
-        )  # T x C
+        embeddings = torch.cat([self.backbone.encode_text(chunk) for chunk in tokens.split(batch_size)], dim=0)  # T x C
         return F.normalize(embeddings, dim=-1).unsqueeze(1)
 
     def text_embeddings(self, classes: ClassesLike) -> torch.Tensor:
@@ -135,8 +133,6 @@ def check_images(images: torch.Tensor) -> None:
             f"images must be a float tensor with values in 0..255, got {images.dtype}; convert with images.float()"
         )
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images must be B x 3 x H x W (RGB, channels first), got shape {tuple(images.shape)}"
-        )
+        raise ValueError(f"images must be B x 3 x H x W (RGB, channels first), got shape {tuple(images.shape)}")
     if images.shape[0] == 0 or images.shape[2] < 1 or images.shape[3] < 1:
         raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")

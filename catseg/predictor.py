@@ -72,9 +72,7 @@ class Predictor:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.resize, self.crop, self.stride = resize, crop, stride
-        self.offsets = [
-            (y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)
-        ]
+        self.offsets = [(y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)]
         self.views_per_forward = max(1, views_per_forward)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -84,10 +82,8 @@ class Predictor:
         # In-place updates (optimizer steps, load_state_dict) bump a tensor's version counter: a changed text
         # encoder invalidates cached embeddings without hashing weights.
         clip = self.model.backbone.clip
-        return tuple(p._version for p in clip.transformer.parameters()) + (
-            clip.token_embedding.weight._version,
-            clip.text_projection._version,
-        )
+        versions = [p._version for p in clip.transformer.parameters()]
+        return (*versions, clip.token_embedding.weight._version, clip.text_projection._version)
 
     def embed_classes(self, classes: ClassesLike) -> torch.Tensor:
         """Text embeddings T x P x C for a vocabulary, cached by (model, vocabulary, text weights)."""
@@ -111,13 +107,9 @@ class Predictor:
     # -- inference --------------------------------------------------------------------------------------------
     def _views(self, image: torch.Tensor) -> torch.Tensor:
         """3 x H x W -> V x 3 x crop x crop: the sliding-window crops of the resized image, then the global view."""
-        resized = F.interpolate(
-            image[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False
-        )
+        resized = F.interpolate(image[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         crops = [resized[0, :, y : y + self.crop, x : x + self.crop] for y, x in self.offsets]
-        whole = F.interpolate(image[None], size=(self.crop, self.crop), mode="bilinear", align_corners=False)[
-            0
-        ]
+        whole = F.interpolate(image[None], size=(self.crop, self.crop), mode="bilinear", align_corners=False)[0]
         return torch.stack([*crops, whole])
 
     def _stitch(self, probs: torch.Tensor) -> torch.Tensor:
@@ -128,9 +120,7 @@ class Predictor:
         for view, (y, x) in zip(probs[:-1], self.offsets, strict=True):
             total[:, y : y + self.crop, x : x + self.crop] += view
             count[:, y : y + self.crop, x : x + self.crop] += 1
-        whole = F.interpolate(
-            probs[-1:], size=(self.resize, self.resize), mode="bilinear", align_corners=False
-        )[0]
+        whole = F.interpolate(probs[-1:], size=(self.resize, self.resize), mode="bilinear", align_corners=False)[0]
         return (total / count + whole) / 2
 
     @torch.inference_mode()

@@ -12,16 +12,12 @@ MAX_VOCABULARY_SIZE = 65535
 def validate_vocabulary(class_names: Sequence[str]) -> list[str]:
     """Return the names stripped of surrounding space; refuse what cannot be a vocabulary."""
     if isinstance(class_names, str):
-        raise TypeError(
-            "class names must be a list of strings, not one string; split it first, e.g. 'a,b'.split(',')"
-        )
+        raise TypeError("class names must be a list of strings, not one string; split it first, e.g. 'a,b'.split(',')")
     names = list(class_names)
     if not names:
         raise ValueError("the vocabulary is empty: give at least one class name")
     if len(names) > MAX_VOCABULARY_SIZE:
-        raise ValueError(
-            f"the vocabulary has {len(names)} classes; at most {MAX_VOCABULARY_SIZE} are supported"
-        )
+        raise ValueError(f"the vocabulary has {len(names)} classes; at most {MAX_VOCABULARY_SIZE} are supported")
     cleaned = []
     for i, name in enumerate(names):
         if not isinstance(name, str):
