@@ -102,8 +102,9 @@ def _resolve_clip_weights(clip_pretrained: str) -> str:
 def create_clip(config: ModelConfig, clip_pretrained: str | None = None) -> nn.Module:
     """The open_clip model for ``config``, with split q/k/v attention. Random init unless ``clip_pretrained``."""
     _register_open_clip_configs()
+    device = torch.empty(0).device  # honours a `with torch.device("meta"):` context (shape-only builds)
     if clip_pretrained is None:
-        clip = open_clip.create_model(config.clip_model, pretrained=None)
+        clip = open_clip.create_model(config.clip_model, pretrained=None, device=device)
     else:
         source = _resolve_clip_weights(clip_pretrained)
         try:

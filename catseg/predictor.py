@@ -41,6 +41,8 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
             raise ValueError(f"image must be an RGB array H x W x 3, got shape {image.shape}")
         if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
             raise TypeError(f"image array must be uint8 (0..255) or float (0..255), got {image.dtype}")
+        if not image.flags.writeable:  # torch wants writable memory (e.g. arrays viewing PIL buffers)
+            image = image.copy()
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:

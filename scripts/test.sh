@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up the virtualenv (CPU torch pinned: torch 2.14.1 + torchvision 0.29.1 come from local disk on our
+# machines; other torch builds break torchvision's import, which open_clip needs), lint, and run the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+# No model hub at test time: fail fast instead of retrying downloads; no telemetry; no token auth on local Ray.
+export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"

@@ -1,0 +1,114 @@
+"""The sliding-window Predictor: the paper's protocol, output contract, vocabulary cache, device choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+
+import catseg
+
+CLASSES = ["sky", "tree", "car", "road"]
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model):
+    return catseg.Predictor(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(150, 230, 3), dtype=np.uint8)
+
+
+def _reference_sliding_window(model, image: torch.Tensor, classes) -> torch.Tensor:
+    """The reference's protocol, written with Unfold/Fold as its evaluation code does."""
+    kernel, stride, out_res = 384, 256, [640, 640]
+    unfold = torch.nn.Unfold(kernel_size=kernel, stride=stride)
+    fold = torch.nn.Fold(out_res, kernel_size=kernel, stride=stride)
+    resized = F.interpolate(image[None], size=out_res, mode="bilinear", align_corners=False).squeeze(0)
+    crops = rearrange(unfold(resized), "(C H W) L -> L C H W", C=3, H=kernel)
+    whole = F.interpolate(image[None], size=(kernel, kernel), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        logits = model(torch.cat([crops, whole]), classes)
+    probs = F.interpolate(logits, size=kernel, mode="bilinear", align_corners=False).sigmoid()
+    global_probs = F.interpolate(probs[-1:], size=out_res, mode="bilinear", align_corners=False)
+    local = fold(probs[:-1].flatten(1).T) / fold(unfold(torch.ones([1, *out_res])))
+    final = (local + global_probs) / 2
+    return F.interpolate(final, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+
+def test_predict_follows_the_papers_sliding_window_protocol(predictor, tiny_model, photo):
+    probs = predictor.predict(photo, CLASSES)
+    expected = _reference_sliding_window(tiny_model, torch.from_numpy(photo).permute(2, 0, 1).float(), CLASSES)
+    assert probs.shape == (len(CLASSES), 150, 230) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+    assert probs.min() >= 0 and probs.max() <= 1
+
+
+def test_batched_prediction_equals_one_by_one(predictor, photo):
+    other = np.ascontiguousarray(photo[::-1, :, ::-1])[:100]
+    batch = predictor.predict_batch([photo, other], CLASSES)
+    np.testing.assert_allclose(batch[0], predictor.predict(photo, CLASSES), atol=1e-5)
+    np.testing.assert_allclose(batch[1], predictor.predict(other, CLASSES), atol=1e-5)
+    assert batch[1].shape == (len(CLASSES), 100, 230)
+
+
+def test_predict_labels_is_the_argmax_of_predict(predictor, photo):
+    probs = predictor.predict(photo, CLASSES)
+    labels, confidence = predictor.predict_labels(photo, CLASSES, class_chunk=3)
+    assert labels.shape == confidence.shape == (150, 230)
+    np.testing.assert_array_equal(labels, probs.argmax(axis=0))
+    np.testing.assert_allclose(confidence, probs.max(axis=0), atol=1e-6)
+
+
+def test_accepts_pil_images_and_channel_first_tensors(predictor, photo):
+    expected = predictor.predict(photo, CLASSES)
+    np.testing.assert_allclose(predictor.predict(Image.fromarray(photo), CLASSES), expected, atol=1e-6)
+    tensor = torch.from_numpy(photo).permute(2, 0, 1).float()
+    np.testing.assert_allclose(predictor.predict(tensor, CLASSES), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("image", "error"),
+    [
+        (np.zeros((10, 10), dtype=np.uint8), ValueError),
+        (np.zeros((10, 10, 4), dtype=np.uint8), ValueError),
+        (np.zeros((10, 10, 3), dtype=np.int64), TypeError),
+        ("image.jpg", TypeError),
+    ],
+)
+def test_bad_images_are_refused(predictor, image, error):
+    with pytest.raises(error, match="image"):
+        predictor.predict(image, CLASSES)
+
+
+def test_vocabulary_embeddings_are_cached_and_recomputed_on_change(tiny_model):
+    predictor = catseg.Predictor(tiny_model, device="cpu")
+    first = predictor.embed_classes(CLASSES)
+    assert predictor.embed_classes(list(CLASSES)) is first  # same vocabulary: cached
+    other = predictor.embed_classes(["sky", "tree"])
+    assert other.shape[0] == 2  # new vocabulary: recomputed, not the stale cache
+    assert predictor.embed_classes(CLASSES) is first
+
+
+def test_cache_is_invalidated_when_the_text_encoder_changes():
+    model = catseg.build_model("tiny")
+    predictor = catseg.Predictor(model, device="cpu")
+    before = predictor.embed_classes(CLASSES)
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        model.backbone.clip.transformer.resblocks[0].attn.v_proj_weight.mul_(1.5)
+    after = predictor.embed_classes(CLASSES)
+    assert after is not before
+    assert not torch.allclose(after, before)
+
+
+def test_device_defaults_to_cuda_only_when_present(tiny_model):
+    predictor = catseg.Predictor(tiny_model)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert predictor.device.type == expected
+    assert next(predictor.model.parameters()).device.type == expected
