@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import fsspec
 import open_clip
@@ -106,7 +107,7 @@ def test_official_checkpoint_of_unknown_architecture_is_refused(tiny_model, tmp_
 
 
 def test_missing_checkpoint_says_what_a_checkpoint_is(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json and model\.safetensors"):
         catseg.load_model(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="not found"):
         catseg.load_model(str(tmp_path / "nowhere.pth"))
@@ -115,7 +116,7 @@ def test_missing_checkpoint_says_what_a_checkpoint_is(tmp_path):
 def test_corrupt_weights_are_refused_with_the_file_named(tiny_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text(open(os.path.join(tiny_checkpoint, "config.json")).read())
+    (broken / "config.json").write_text(Path(tiny_checkpoint, "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"\x00\x01 definitely not safetensors")
     with pytest.raises(ValueError, match=r"model\.safetensors is corrupt"):
         catseg.load_model(str(broken))
@@ -124,8 +125,8 @@ def test_corrupt_weights_are_refused_with_the_file_named(tiny_checkpoint, tmp_pa
 def test_truncated_weights_are_refused(tiny_checkpoint, tmp_path):
     broken = tmp_path / "truncated"
     broken.mkdir()
-    (broken / "config.json").write_text(open(os.path.join(tiny_checkpoint, "config.json")).read())
-    data = open(os.path.join(tiny_checkpoint, "model.safetensors"), "rb").read()
+    (broken / "config.json").write_text(Path(tiny_checkpoint, "config.json").read_text())
+    data = Path(tiny_checkpoint, "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt"):
         catseg.load_model(str(broken))

@@ -181,7 +181,7 @@ def test_loss_keeps_ignored_pixels_in_the_mean_with_all_zero_targets():
 
 
 def test_loss_refuses_class_ids_outside_the_vocabulary():
-    with pytest.raises(ValueError, match="outside 0..2"):
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
         catseg.segmentation_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 7))
 
 
