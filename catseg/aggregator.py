@@ -133,29 +133,40 @@ class SpatialAggregation(nn.Module):
         return rearrange(y, "(b t) h w d -> b d t h w", b=batch, t=classes)
 
 
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_counts: torch.Tensor | None = None,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Linear attention ("Transformers are RNNs") with feature map elu+1. q: N x L x heads x d; k, v: N x S x
-    heads x d. ``key_counts`` (S) says how many identical copies each key/value stands for (default 1 each).
+def linear_attention_state(
+    k: torch.Tensor, v: torch.Tensor, length: int, key_counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value summaries of linear attention for one block of keys: (sum_s phi(k_s) v_s^T / length,
+    sum_s phi(k_s)). Summaries of disjoint key blocks add up, so a long class list can be processed in chunks.
 
-    The values are divided by the sequence length and the result multiplied back (the reference does this to
-    avoid fp16 overflow); kept so half-precision runs match.
+    k, v: N x S x heads x d; ``key_counts`` (S) says how many identical copies each key stands for.
     """
-    q = F.elu(q) + 1
-    k = F.elu(k) + 1
-    length = v.shape[1]
+    k = F.elu(k) + 1  # feature map elu + 1
     if key_counts is not None:
         k = k * key_counts.view(1, -1, 1, 1)
-        length = int(key_counts.sum().item())
+    # values are divided by the sequence length and the result multiplied back (the reference does this to
+    # avoid fp16 overflow); kept so half-precision runs match
     kv = torch.einsum("nshd,nshv->nhdv", k, v / length)  # N x heads x d x d
-    normalizer = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)  # N x L x heads
-    out = torch.einsum("nlhd,nhdv->nlhv", q, kv)
-    return out * normalizer.unsqueeze(-1) * length
+    return kv, k.sum(dim=1)
+
+
+def linear_attention_query(
+    q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, length: int, eps: float = 1e-6
+) -> torch.Tensor:
+    """Queries N x L x heads x d against the summaries of all keys -> N x L x heads x d."""
+    q = F.elu(q) + 1
+    normalizer = 1 / (torch.einsum("nlhd,nhd->nlh", q, k_sum) + eps)  # N x L x heads
+    return torch.einsum("nlhd,nhdv->nlhv", q, kv) * normalizer.unsqueeze(-1) * length
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Linear attention ("Transformers are RNNs", feature map elu + 1). q: N x L x heads x d; k, v: N x S x heads
+    x d; ``key_counts`` (S): how many identical copies each key/value stands for (default one each)."""
+    length = v.shape[1] if key_counts is None else int(key_counts.sum().item())
+    kv, k_sum = linear_attention_state(k, v, length, key_counts)
+    return linear_attention_query(q, kv, k_sum, length)
 
 
 class ClassAggregation(nn.Module):
@@ -165,6 +176,9 @@ class ClassAggregation(nn.Module):
     so the padding changes the result and is reproduced exactly. All padding positions hold the same token
     and guidance, so they enter as one key counted ``pad_len - T`` times; their outputs are discarded, as in
     the reference. Cost grows with T, not with ``pad_len``.
+
+    Classes may arrive in chunks: key/value summaries are accumulated over all chunks first, then each chunk's
+    queries are answered, which is exactly attention over the whole class list.
     """
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, train_pooling: int, pad_len: int) -> None:
@@ -182,45 +196,71 @@ class ClassAggregation(nn.Module):
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
 
+    def _pooling(self) -> int:
+        return self.train_pooling if self.training else 1
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """B x D x t x h x w -> B x pixels x t x D, average-pooled in training."""
+        pooling = self._pooling()
+        if pooling > 1:
+            batch = x.shape[0]
+            x = rearrange(
+                F.avg_pool2d(rearrange(x, "b d t h w -> (b t) d h w"), pooling), "(b t) d h w -> b d t h w", b=batch
+            )
+        return rearrange(x, "b d t h w -> b (h w) t d")
+
+    def _heads(self, t: torch.Tensor, pixels: int) -> torch.Tensor:
+        """B x pixels x t x D (pixels may be broadcast) -> (B pixels) x t x heads x D/heads."""
+        t = t.expand(-1, pixels, -1, -1)
+        return rearrange(t, "b p t (h d) -> (b p) t h d", h=self.num_heads)
+
     def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """x: B x D x T x h x w; guidance: B x T x G -> B x D x T x h x w."""
-        batch, _dim, classes, height, width = x.shape
-        pooling = self.train_pooling if self.training else 1
-        pooled = x
-        if pooling > 1:
-            pooled = F.avg_pool2d(rearrange(x, "b d t h w -> (b t) d h w"), pooling)
-            pooled = rearrange(pooled, "(b t) d h w -> b d t h w", b=batch)
-        ph, pw = pooled.shape[-2:]
-        tokens = rearrange(pooled, "b d t h w -> b (h w) t d")  # one class sequence per pixel
-        heads = self.num_heads
+        return self.forward_chunks([x], [guidance])[0]
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # B x pixels x T x D -> (B pixels) x T x heads x D/heads
-            t = t.expand(batch, ph * pw, -1, -1)
-            return rearrange(t, "b p t (h d) -> (b p) t h d", h=heads)
+    def forward_chunks(self, chunks: list[torch.Tensor], guidances: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The class list split in chunks (B x D x t_i x h x w, with guidance B x t_i x G) -> the same chunks."""
+        classes = sum(chunk.shape[2] for chunk in chunks)
+        padding = self.pad_len - classes if self.pad_len > 0 else 0
+        length = classes + max(padding, 0)
 
-        normed = self.norm1(tokens)
-        text = guidance.unsqueeze(1)  # B x 1 x T x G, broadcast over pixels
-        q = split(guided_linear(self.q, normed, text))
-        k = split(guided_linear(self.k, normed, text))
-        v = split(self.v(normed))
-        counts = None
-        if self.pad_len > 0 and classes < self.pad_len:
+        kv = k_sum = None
+        for chunk, guidance in zip(chunks, guidances, strict=True):
+            normed = self.norm1(self._tokens(chunk))
+            pixels = normed.shape[1]
+            k = self._heads(guided_linear(self.k, normed, guidance.unsqueeze(1)), pixels)
+            v = self._heads(self.v(normed), pixels)
+            kv_i, k_sum_i = linear_attention_state(k, v, length)
+            kv, k_sum = (kv_i, k_sum_i) if kv is None else (kv + kv_i, k_sum + k_sum_i)
+        if padding > 0:
+            batch = chunks[0].shape[0]
             pad = self.norm1(self.padding_tokens).unsqueeze(0)  # 1 x 1 x 1 x D, the same at every pixel
-            k = torch.cat([k, split(guided_linear(self.k, pad, self.padding_guidance.unsqueeze(0)))], dim=1)
-            v = torch.cat([v, split(self.v(pad))], dim=1)
-            counts = torch.ones(classes + 1, device=x.device, dtype=x.dtype)
-            counts[-1] = self.pad_len - classes
-        attended = rearrange(linear_attention(q, k, v, counts), "(b p) t h d -> b p t (h d)", b=batch)
+            k = guided_linear(self.k, pad, self.padding_guidance.unsqueeze(0)).expand(batch, -1, -1, -1)
+            v = self.v(pad).expand(batch, -1, -1, -1)
+            counts = torch.full((1,), float(padding), device=k.device, dtype=k.dtype)
+            kv_pad, k_sum_pad = linear_attention_state(self._heads(k, pixels), self._heads(v, pixels), length, counts)
+            kv, k_sum = kv + kv_pad, k_sum + k_sum_pad
+
+        return [
+            self._answer(chunk, guidance, kv, k_sum, length) for chunk, guidance in zip(chunks, guidances, strict=True)
+        ]
+
+    def _answer(
+        self, x: torch.Tensor, guidance: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        batch, _, _, height, width = x.shape
+        tokens = self._tokens(x)
+        normed = self.norm1(tokens)
+        q = self._heads(guided_linear(self.q, normed, guidance.unsqueeze(1)), tokens.shape[1])
+        attended = rearrange(linear_attention_query(q, kv, k_sum, length), "(b p) t h d -> b p t (h d)", b=batch)
         tokens = tokens + attended  # no output projection, as in the reference
         tokens = tokens + self.mlp(self.norm2(tokens))
 
-        out = rearrange(tokens, "b (h w) t d -> b d t h w", h=ph, w=pw)
-        if pooling > 1:
+        ph = height // self._pooling()
+        out = rearrange(tokens, "b (h w) t d -> b d t h w", h=ph)
+        if self._pooling() > 1:
             out = F.interpolate(
-                rearrange(out, "b d t h w -> (b t) d h w"),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=True,
+                rearrange(out, "b d t h w -> (b t) d h w"), size=(height, width), mode="bilinear", align_corners=True
             )
             out = rearrange(out, "(b t) d h w -> b d t h w", b=batch)
         return x + out  # ``out`` already holds its own residual: the result is about 2x + delta
@@ -272,17 +312,31 @@ class CostAggregator(nn.Module):
         }
         self.layers = nn.ModuleList(AggregatorLayer(dims) for _ in range(num_layers))
 
-    def forward(self, cost: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor):
-        """cost: B x P x T x h x w; image_features: B x C x h x w; text_features: B x T x P x C.
-
-        Returns the aggregated cost volume, B x D x T x h x w.
-        """
+    def embed(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Cost volume of some classes, embedded: (B,C,h,w), (B,t,P,C) -> B x D x t x h x w."""
+        cost = cost_volume(image_features, text_features)
         batch = cost.shape[0]
         x = self.cost_embed(rearrange(cost, "b p t h w -> (b t) p h w"))  # no activation, as in the reference
-        x = rearrange(x, "(b t) d h w -> b d t h w", b=batch)
+        return rearrange(x, "(b t) d h w -> b d t h w", b=batch)
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, class_chunk: int | None = None
+    ) -> list[torch.Tensor]:
+        """image_features: B x C x h x w; text_features: B x T x P x C -> aggregated cost volume, as a list of
+        class chunks B x D x t_i x h x w (one chunk unless ``class_chunk`` is set).
+
+        Everything but the class attention is independent per class; chunking bounds the memory of those parts
+        (and of the decoder after them) while the class attention still sees every class.
+        """
+        classes = text_features.shape[1]
+        step = class_chunk or classes
+        slices = [slice(start, start + step) for start in range(0, classes, step)]
         appearance = self.appearance_guidance_proj(image_features)
         text = F.normalize(text_features.mean(dim=-2), dim=-1)  # average over prompt templates
         text = self.text_guidance_proj(text)
+        texts = [text[:, part] for part in slices]
+        chunks = [self.embed(image_features, text_features[:, part]) for part in slices]
         for layer in self.layers:
-            x = layer(x, appearance, text)
-        return x
+            chunks = [layer.spatial(chunk, appearance) for chunk in chunks]
+            chunks = layer.class_attention.forward_chunks(chunks, texts)
+        return chunks

@@ -97,28 +97,50 @@ class CATSeg(nn.Module):
         dense, (mid, late) = self.backbone.encode_image_dense(self.preprocess(images))
         return dense, [self.upsample1(mid), self.upsample2(late)]
 
-    def forward(self, images: torch.Tensor, classes: ClassesLike) -> torch.Tensor:
-        """Images float B x 3 x H x W in 0..255 (any size), class names or embeddings -> logits B x T x 4h x 4w."""
+    def forward(
+        self,
+        images: torch.Tensor,
+        classes: ClassesLike,
+        *,
+        class_chunk: int | None = None,
+        truncate: bool = True,
+    ) -> torch.Tensor:
+        """Images float B x 3 x H x W in 0..255 (any size), class names or embeddings -> logits B x T x 4h x 4w.
+
+        ``class_chunk`` runs the per-class parts (cost embedding, spatial aggregation, decoder) on that many
+        classes at a time: same outputs, memory bounded by the chunk instead of the vocabulary.
+        ``truncate=False`` keeps every class when T > pad_len instead of the reference's top-pad_len selection.
+        """
         text = self.text_embeddings(classes)
         dense, guidance = self.encode_images(images)
-        return self.segment(dense, guidance, text)
+        return self.segment(dense, guidance, text, class_chunk=class_chunk, truncate=truncate)
 
-    def segment(self, dense: torch.Tensor, guidance: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        """Encoded images + text embeddings T x P x C -> logits B x T x 4h x 4w."""
+    def segment(
+        self,
+        dense: torch.Tensor,
+        guidance: list[torch.Tensor],
+        text: torch.Tensor,
+        *,
+        class_chunk: int | None = None,
+        truncate: bool = True,
+    ) -> torch.Tensor:
+        """Encoded images + text embeddings T x P x C -> logits B x T x 4h x 4w (see :meth:`forward`)."""
+        if class_chunk is not None and class_chunk < 1:
+            raise ValueError(f"class_chunk must be a positive number of classes, got {class_chunk}")
         batch, classes = dense.shape[0], text.shape[0]
         text = text.unsqueeze(0).expand(batch, -1, -1, -1)  # B x T x P x C
         kept = None
         pad_len = self.config.pad_len
-        if pad_len > 0 and classes > pad_len:
+        if truncate and pad_len > 0 and classes > pad_len:
             # The class attention sees at most pad_len classes: keep, per image, those whose best patch is the
             # most similar; the rest get TRUNCATED_LOGIT (reference behaviour).
             best = cost_volume(dense, text).amax(dim=(1, 3, 4))  # B x T
             kept = best.topk(pad_len, dim=1).indices.sort(dim=1).values  # B x pad_len
             text = torch.gather(text, 1, kept[:, :, None, None].expand(-1, -1, *text.shape[2:]))
 
-        cost = cost_volume(dense, text)
-        aggregated = self.aggregator(cost, dense, text)
-        logits = self.decoder(aggregated, self.decoder.project_guidance(guidance))
+        chunks = self.aggregator(dense, text, class_chunk=class_chunk)
+        decoder_guidance = self.decoder.project_guidance(guidance)
+        logits = torch.cat([self.decoder(chunk, decoder_guidance) for chunk in chunks], dim=1)
         if kept is None:
             return logits
         full = logits.new_full((batch, classes, *logits.shape[2:]), TRUNCATED_LOGIT)

@@ -56,8 +56,10 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
 class Predictor:
     """Runs a :class:`CATSeg` model on images of any size; caches vocabulary embeddings.
 
-    ``device`` defaults to CUDA when available, else CPU. ``views_per_forward`` bounds how many 384 x 384
-    views go through the model at once (5 per image), which bounds memory for large vocabularies.
+    ``device`` defaults to CUDA when available, else CPU. Memory is bounded by ``views_per_forward`` (384 x 384
+    views through the model at once; 5 per image) and ``class_chunk`` (classes through the per-class parts of
+    the model and the stitching at once); neither changes the outputs. ``truncate=False`` keeps every class of
+    a vocabulary larger than 256 instead of the reference's per-image top-256 (which gives the rest logit -100).
     """
 
     def __init__(
@@ -69,6 +71,8 @@ class Predictor:
         crop: int = 384,
         stride: int = 256,
         views_per_forward: int = 10,
+        class_chunk: int = 64,
+        truncate: bool = True,
         cache_size: int = 4,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
@@ -76,6 +80,10 @@ class Predictor:
         self.resize, self.crop, self.stride = resize, crop, stride
         self.offsets = [(y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)]
         self.views_per_forward = max(1, views_per_forward)
+        if class_chunk < 1:
+            raise ValueError(f"class_chunk must be at least 1, got {class_chunk}")
+        self.class_chunk = class_chunk
+        self.truncate = truncate
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -114,8 +122,9 @@ class Predictor:
         whole = F.interpolate(image[None], size=(self.crop, self.crop), mode="bilinear", align_corners=False)[0]
         return torch.stack([*crops, whole])
 
-    def _stitch(self, probs: torch.Tensor) -> torch.Tensor:
-        """V x T x crop x crop view probabilities -> T x resize x resize."""
+    def _stitch(self, logits: torch.Tensor) -> torch.Tensor:
+        """V x t x h x w view logits -> t x resize x resize probabilities (crops averaged, then the global view)."""
+        probs = F.interpolate(logits, size=(self.crop, self.crop), mode="bilinear", align_corners=False).sigmoid()
         classes = probs.shape[1]
         total = probs.new_zeros(classes, self.resize, self.resize)
         count = probs.new_zeros(1, self.resize, self.resize)
@@ -126,56 +135,64 @@ class Predictor:
         return (total / count + whole) / 2
 
     @torch.inference_mode()
-    def _probabilities_640(self, images: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+    def _view_logits(self, images: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the logits of its views: V x T x 96 x 96 (small: the stitching runs per class chunk)."""
         views = torch.cat([self._views(img.to(self.device)) for img in images])
-        probs = []
-        for chunk in views.split(self.views_per_forward):
-            logits = self.model(chunk, text)
-            logits = F.interpolate(logits, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
-            probs.append(logits.sigmoid())
-        per_image = torch.cat(probs).split(len(self.offsets) + 1)
-        return [self._stitch(p) for p in per_image]
+        logits = [
+            self.model(chunk, text, class_chunk=self.class_chunk, truncate=self.truncate)
+            for chunk in views.split(self.views_per_forward)
+        ]
+        return list(torch.cat(logits).split(len(self.offsets) + 1))
+
+    def _class_chunks(self, classes: int) -> list[slice]:
+        return [slice(start, start + self.class_chunk) for start in range(0, classes, self.class_chunk)]
 
     def predict(self, image: ImageLike, classes: ClassesLike) -> np.ndarray:
         """Per-class probabilities T x H x W (float32) at the image's original size."""
         return self.predict_batch([image], classes)[0]
 
+    @torch.inference_mode()
     def predict_batch(self, images: Sequence[ImageLike], classes: ClassesLike) -> list[np.ndarray]:
         tensors = [image_to_tensor(img) for img in images]
         text = self.embed_classes(classes)
         out = []
-        for tensor, probs in zip(tensors, self._probabilities_640(tensors, text), strict=True):
+        for tensor, logits in zip(tensors, self._view_logits(tensors, text), strict=True):
             size = tuple(tensor.shape[-2:])
-            full = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-            out.append(full.float().cpu().numpy())
+            probs = np.empty((logits.shape[1], *size), dtype=np.float32)
+            for part in self._class_chunks(logits.shape[1]):
+                full = F.interpolate(
+                    self._stitch(logits[:, part])[None], size=size, mode="bilinear", align_corners=False
+                )
+                probs[part] = full[0].float().cpu().numpy()
+            out.append(probs)
         return out
 
-    def predict_labels(
-        self, image: ImageLike, classes: ClassesLike, *, class_chunk: int = 16
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(label map H x W int64, its probability H x W float32): the argmax of :meth:`predict`, computed in
-        class chunks so a large image never holds T x H x W floats."""
-        return self.predict_labels_batch([image], classes, class_chunk=class_chunk)[0]
+    def predict_labels(self, image: ImageLike, classes: ClassesLike) -> tuple[np.ndarray, np.ndarray]:
+        """(label map H x W int64, its probability H x W float32): the argmax of :meth:`predict`, computed per
+        class chunk so that neither T x 640 x 640 nor T x H x W floats are ever held."""
+        return self.predict_labels_batch([image], classes)[0]
 
+    @torch.inference_mode()
     def predict_labels_batch(
-        self, images: Sequence[ImageLike], classes: ClassesLike, *, class_chunk: int = 16
+        self, images: Sequence[ImageLike], classes: ClassesLike
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         tensors = [image_to_tensor(img) for img in images]
         text = self.embed_classes(classes)
         out = []
-        for tensor, probs in zip(tensors, self._probabilities_640(tensors, text), strict=True):
+        for tensor, logits in zip(tensors, self._view_logits(tensors, text), strict=True):
             size = tuple(tensor.shape[-2:])
             best = labels = None
-            for start in range(0, probs.shape[0], class_chunk):
+            for part in self._class_chunks(logits.shape[1]):
                 chunk = F.interpolate(
-                    probs[None, start : start + class_chunk], size=size, mode="bilinear", align_corners=False
-                )[0]
-                value, index = chunk.max(dim=0)
+                    self._stitch(logits[:, part])[None], size=size, mode="bilinear", align_corners=False
+                )
+                value, index = chunk[0].max(dim=0)
+                index = index + part.start
                 if best is None:
                     best, labels = value, index
                 else:
                     better = value > best  # strict: ties keep the lower class id, as argmax does
                     best = torch.where(better, value, best)
-                    labels = torch.where(better, index + start, labels)
+                    labels = torch.where(better, index, labels)
             out.append((labels.cpu().numpy(), best.float().cpu().numpy()))
         return out

@@ -8,7 +8,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+# constraints.txt pins the versions the tests were run with: a fast, reproducible resolve
+.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # No model hub at test time: fail fast instead of retrying downloads; no telemetry; no token auth on local Ray.

@@ -58,9 +58,10 @@ def test_batched_prediction_equals_one_by_one(predictor, photo):
     assert batch[1].shape == (len(CLASSES), 100, 230)
 
 
-def test_predict_labels_is_the_argmax_of_predict(predictor, photo):
+def test_predict_labels_is_the_argmax_of_predict(tiny_model, photo):
+    predictor = catseg.Predictor(tiny_model, device="cpu", class_chunk=3)  # chunks of 3 + 1 classes
     probs = predictor.predict(photo, CLASSES)
-    labels, confidence = predictor.predict_labels(photo, CLASSES, class_chunk=3)
+    labels, confidence = predictor.predict_labels(photo, CLASSES)
     assert labels.shape == confidence.shape == (150, 230)
     np.testing.assert_array_equal(labels, probs.argmax(axis=0))
     np.testing.assert_allclose(confidence, probs.max(axis=0), atol=1e-6)
