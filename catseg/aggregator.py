@@ -219,7 +219,9 @@ class ClassAggregation(nn.Module):
         return self.forward_chunks([x], [guidance])[0]
 
     def forward_chunks(self, chunks: list[torch.Tensor], guidances: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The class list split in chunks (B x D x t_i x h x w, with guidance B x t_i x G) -> the same chunks."""
+        """The class list split in chunks (B x D x t_i x h x w, with guidance B x t_i x G) -> the same chunks.
+
+        The list is updated in place and returned."""
         classes = sum(chunk.shape[2] for chunk in chunks)
         padding = self.pad_len - classes if self.pad_len > 0 else 0
         length = classes + max(padding, 0)
@@ -241,9 +243,10 @@ class ClassAggregation(nn.Module):
             kv_pad, k_sum_pad = linear_attention_state(self._heads(k, pixels), self._heads(v, pixels), length, counts)
             kv, k_sum = kv + kv_pad, k_sum + k_sum_pad
 
-        return [
-            self._answer(chunk, guidance, kv, k_sum, length) for chunk, guidance in zip(chunks, guidances, strict=True)
-        ]
+        # replace chunks in place: at inference each input chunk is freed as soon as its output exists
+        for i, guidance in enumerate(guidances):
+            chunks[i] = self._answer(chunks[i], guidance, kv, k_sum, length)
+        return chunks
 
     def _answer(
         self, x: torch.Tensor, guidance: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, length: int
@@ -337,6 +340,7 @@ class CostAggregator(nn.Module):
         texts = [text[:, part] for part in slices]
         chunks = [self.embed(image_features, text_features[:, part]) for part in slices]
         for layer in self.layers:
-            chunks = [layer.spatial(chunk, appearance) for chunk in chunks]
+            for i, chunk in enumerate(chunks):  # in place: one chunk's input and output alive at a time
+                chunks[i] = layer.spatial(chunk, appearance)
             chunks = layer.class_attention.forward_chunks(chunks, texts)
         return chunks

@@ -70,8 +70,8 @@ class Predictor:
         resize: int = 640,
         crop: int = 384,
         stride: int = 256,
-        views_per_forward: int = 10,
-        class_chunk: int = 64,
+        views_per_forward: int = 5,
+        class_chunk: int = 32,
         truncate: bool = True,
         cache_size: int = 4,
     ) -> None:

@@ -1,0 +1,100 @@
+"""Label an image collection with CAT-Seg on Ray Data; one Parquet row per image.
+
+    python -m jobs.label --input s3://bucket/images/ --vocab-preset ade150 --checkpoint s3://bucket/models/b16 \\
+        --output s3://bucket/labels/run1
+
+Runs on an embedded local Ray unless a cluster address is set (RAY_ADDRESS, as under `ray job submit`).
+Re-running the same command resumes: images already in the output are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="images: a prefix/directory or glob (s3://, gs://, local paths)")
+    source.add_argument("--manifest", help="a Parquet/CSV/JSON-lines file listing image URIs")
+    parser.add_argument("--uri-column", default="uri", help="manifest column holding the URIs (default: uri)")
+    vocab = parser.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--vocab", help='comma-separated class names, e.g. "cat,dog,sky"')
+    vocab.add_argument("--vocab-file", help="text (one class per line) or JSON file, local or any fsspec URI")
+    vocab.add_argument("--vocab-preset", help="built-in vocabulary: voc20, pc59, ade150, cocostuff171")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="registered model name with released weights (needs internet once)")
+    model.add_argument("--checkpoint", help="checkpoint directory (catseg.save_model) or official .pth URI")
+    parser.add_argument("--output", required=True, help="output URI (directory or prefix)")
+    parser.add_argument("--run-id", help="run id (default: derived from input, vocabulary, model and options)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
+    parser.add_argument("--num-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    parser.add_argument("--max-actors", type=int, help="model actors at most (default: one per GPU, or 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    parser.add_argument("--confidence", action="store_true", help="also store per-pixel confidence PNGs")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="pixels whose max probability is below this get the unlabelled value (255 / 65535)",
+    )
+    parser.add_argument("--limit", type=int, help="label only the first N images of the listing")
+    parser.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet file (default: 256)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from pipelines.labelling import LabelConfig, resolve_model, run_labelling
+    from pipelines.output import OutputConflictError
+    from pipelines.vocabulary import load_vocabulary
+
+    try:
+        vocabulary = load_vocabulary(args.vocab, file=args.vocab_file, preset=args.vocab_preset)
+        model = resolve_model(args.model, args.checkpoint)
+        config = LabelConfig(
+            output_uri=args.output,
+            vocabulary=vocabulary,
+            model=model,
+            input_uri=args.input,
+            manifest_uri=args.manifest,
+            uri_column=args.uri_column,
+            run_id=args.run_id,
+            batch_size=args.batch_size,
+            num_gpus_per_actor=args.num_gpus_per_actor,
+            max_actors=args.max_actors,
+            cpus_per_actor=args.cpus_per_actor,
+            confidence=args.confidence,
+            confidence_threshold=args.confidence_threshold,
+            limit=args.limit,
+            rows_per_file=args.rows_per_file,
+        )
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError, OutputConflictError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # No address: an embedded local Ray. RAY_ADDRESS (set by `ray job submit`) connects to the cluster instead.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    try:
+        summary = run_labelling(config)
+    except (ValueError, FileNotFoundError, PermissionError, OutputConflictError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+
+    print(
+        f"labelled {summary.processed} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s); "
+        f"skipped {summary.skipped} already done\n"
+        f"output {summary.output_uri} (run {summary.run_id}): {summary.ok} masks, {summary.errors} errors, "
+        f"{summary.missing} missing of {summary.inputs} inputs"
+    )
+    return 0 if summary.missing == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,649 @@
+"""Bulk labelling on Ray Data: image URIs in, one Parquet row per image out (see :func:`build_labelling_dataset`).
+
+    sources (a listing or a manifest, minus images this run already labelled)
+      -> read_image_bytes     CPU tasks: bytes from any fsspec URI, per-row errors
+      -> decode_images        CPU tasks: EXIF orientation, RGB uint8, per-row errors
+      -> SegmentationModel    actor pool, num_gpus per actor: checkpoint and vocabulary loaded once per actor
+      -> encode_predictions   CPU tasks: PNG masks, optional confidence PNGs, per-class statistics
+      -> write_parquet        <output>/data/*.parquet
+
+Every stage passes rows through: a row that failed upstream carries its ``error`` to the output, so rows with a
+mask plus rows with an error always equal the inputs. Stages exchange Arrow tables with explicit schemas (images as
+raw bytes), so a batch of only failures still has the right column types.
+
+Resume: each run has a ``run_id`` (by default a hash of input, vocabulary, model and result-affecting options);
+before reading, the committed Parquet files of that run are listed and their ``image_id`` values skipped (see
+:mod:`pipelines.output`). Re-running the same command after a crash labels only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from . import storage
+from .images import ImageDecodeError, decode_image
+from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
+from .masks import unlabelled_value as unlabelled_value_for
+from .output import (
+    OUTPUT_SCHEMA,
+    SCHEMA_VERSION,
+    OutputConflictError,
+    arrow_filesystem,
+    committed_image_ids,
+    count_rows,
+    data_uri,
+    read_manifest,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from .vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+# Released CAT-Seg weights on Hugging Face, converted on load by catseg.load_model.
+RELEASED_WEIGHTS = {
+    "vit_b16": "hf://hamacojr/CAT-Seg-weights/model_base.pth",
+    "vit_l14": "hf://hamacojr/CAT-Seg-weights/model_large.pth",
+}
+# Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
+READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
+READ_THREADS = 16  # concurrent object-store GETs per read task
+
+SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string())])
+READ_SCHEMA = SOURCE_SCHEMA.append(pa.field("data", pa.large_binary())).append(pa.field("error", pa.string()))
+DECODED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
+        ("error", pa.string()),
+    ]
+)
+PREDICTED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
+        ("confidence", pa.large_binary()),  # H x W float32 max probability
+        ("error", pa.string()),
+    ]
+)
+
+
+def image_id_for(uri: str) -> str:
+    """Stable id of an input image: a hash of its source URI (the key for resume and dedup)."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
+
+
+def _describe_error(stage: str, err: BaseException) -> str:
+    """One line: the stage, the exception type (unless it is our own readable decode error) and its message."""
+    message = str(err) or type(err).__name__
+    text = f"{stage}: {message}" if isinstance(err, ImageDecodeError) else f"{stage}: {type(err).__name__}: {message}"
+    return text.replace("\n", " ")[:1000]
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """Where actors load the model from, and the id written into every row."""
+
+    uri: str  # catseg checkpoint directory, official .pth, or hf://<repo>/<file> of released weights
+    model_id: str
+
+
+def _catseg():
+    # imported where a model is needed: read/decode/encode workers then start without importing torch
+    import catseg
+
+    return catseg
+
+
+def fetch_released_weights(uri: str) -> str:
+    """Local path of ``hf://<owner>/<repo>/<file>`` weights (downloaded once into the Hugging Face cache)."""
+    from huggingface_hub import hf_hub_download
+
+    owner, repo, filename = uri.removeprefix("hf://").split("/", 2)
+    try:
+        return hf_hub_download(repo_id=f"{owner}/{repo}", filename=filename)
+    except Exception as err:  # offline mode, no network, missing file: all end in the same advice
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RuntimeError(
+            f"cannot fetch released weights {uri} ({type(err).__name__}: {reason}); "
+            "without internet access pass --checkpoint URI (a catseg.save_model directory or an official .pth)"
+        ) from None
+
+
+def resolve_model(name: str | None = None, checkpoint: str | None = None) -> ModelSource:
+    """Check on the driver that the model can be loaded, without loading it; fails with a one-line reason."""
+    if (name is None) == (checkpoint is None):
+        raise ValueError("give exactly one of a model name or a checkpoint URI")
+    if checkpoint is not None:
+        if checkpoint.split("?")[0].endswith((".pth", ".pt")):
+            if not storage.exists(checkpoint):
+                raise FileNotFoundError(f"official CAT-Seg checkpoint not found: {checkpoint}")
+            return ModelSource(checkpoint, checkpoint)
+        architecture = _catseg().checkpoint.describe_checkpoint(checkpoint)["name"]
+        return ModelSource(checkpoint, f"{architecture}@{checkpoint}")
+    models = _catseg().list_models()
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(models)} or pass --checkpoint")
+    if name not in RELEASED_WEIGHTS:
+        raise ValueError(f"model {name!r} has no released weights; pass --checkpoint URI (e.g. from catseg.save_model)")
+    fetch_released_weights(RELEASED_WEIGHTS[name])
+    return ModelSource(RELEASED_WEIGHTS[name], f"{name}@{RELEASED_WEIGHTS[name]}")
+
+
+def load_model_source(uri: str) -> Any:
+    """Load a model on a worker: released weights through the local Hugging Face cache, anything else directly."""
+    if uri.startswith("hf://"):
+        uri = fetch_released_weights(uri)
+    return _catseg().load_model(uri)
+
+
+# -- stages ---------------------------------------------------------------------------------------------------
+def _read_one(uri: str) -> tuple[bytes | None, str | None]:
+    try:
+        return storage.read_bytes(uri), None
+    except Exception as err:  # each backend raises its own types; the row records why
+        return None, _describe_error("read", err)
+
+
+def read_image_bytes(batch: pa.Table) -> pa.Table:
+    """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently."""
+    uris = batch["source_uri"].to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
+        results = list(pool.map(_read_one, uris))
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source_uri": batch["source_uri"],
+            "data": pa.array([r[0] for r in results], pa.large_binary()),
+            "error": pa.array([r[1] for r in results], pa.string()),
+        },
+        schema=READ_SCHEMA,
+    )
+
+
+def decode_images(batch: pa.Table) -> pa.Table:
+    """Encoded bytes -> RGB pixels (EXIF-oriented) and original size; undecodable rows get an error."""
+    widths, heights, pixels, errors = [], [], [], []
+    for data, error in zip(batch["data"].to_pylist(), batch["error"].to_pylist(), strict=True):
+        rgb = None
+        if error is None:
+            try:
+                rgb = decode_image(data)
+            except Exception as err:  # a bad file becomes its own error row, never a failed batch
+                error = _describe_error("decode", err)
+        widths.append(None if rgb is None else rgb.shape[1])
+        heights.append(None if rgb is None else rgb.shape[0])
+        pixels.append(None if rgb is None else rgb.tobytes())
+        errors.append(error)
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source_uri": batch["source_uri"],
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "pixels": pa.array(pixels, pa.large_binary()),
+            "error": pa.array(errors, pa.string()),
+        },
+        schema=DECODED_SCHEMA,
+    )
+
+
+class SegmentationModel:
+    """Model stage (one instance per actor): loads the checkpoint once, embeds the vocabulary once, then runs
+    the sliding-window protocol (:meth:`catseg.Predictor.predict_labels_batch`) on each batch.
+
+    The device is CUDA when the actor was given a GPU that torch can use, else CPU (e.g. a fake GPU resource).
+    """
+
+    def __init__(self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None) -> None:
+        import torch
+
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.class_names = list(class_names)
+        self.mask_dtype = mask_dtype(len(self.class_names))
+        self.predictor = _catseg().Predictor(load_model_source(model_uri))
+        self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
+
+    def device_info(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "device": str(self.predictor.device),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+            "cuda_available": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def _predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | BaseException]:
+        if not images:
+            return []
+        try:
+            return list(self.predictor.predict_labels_batch(images, self.class_names))
+        except Exception:
+            # one image broke the batch (or it ran out of memory): retry alone so only the culprit fails
+            results: list[tuple[np.ndarray, np.ndarray] | BaseException] = []
+            for image in images:
+                try:
+                    results.append(self.predictor.predict_labels(image, self.class_names))
+                except Exception as err:
+                    results.append(err)
+            return results
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
+        errors = batch["error"].to_pylist()
+        todo = [i for i, error in enumerate(errors) if error is None]
+        pixel_column = batch["pixels"]
+        images = [
+            np.frombuffer(pixel_column[i].as_py(), dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in todo
+        ]
+        labels: list[bytes | None] = [None] * len(errors)
+        confidence: list[bytes | None] = [None] * len(errors)
+        for i, result in zip(todo, self._predict(images), strict=True):
+            if isinstance(result, BaseException):
+                errors[i] = _describe_error("model", result)
+                continue
+            label_map, probability = result
+            if label_map.shape != (heights[i], widths[i]):
+                errors[i] = f"model: label map {label_map.shape} does not match the image {heights[i]}x{widths[i]}"
+                continue
+            labels[i] = label_map.astype(self.mask_dtype).tobytes()
+            confidence[i] = probability.astype(np.float32).tobytes()
+        return pa.table(
+            {
+                "image_id": batch["image_id"],
+                "source_uri": batch["source_uri"],
+                "width": batch["width"],
+                "height": batch["height"],
+                "labels": pa.array(labels, pa.large_binary()),
+                "confidence": pa.array(confidence, pa.large_binary()),
+                "error": pa.array(errors, pa.string()),
+            },
+            schema=PREDICTED_SCHEMA,
+        )
+
+
+def encode_predictions(
+    batch: pa.Table,
+    *,
+    class_names: Sequence[str],
+    run_id: str,
+    model_id: str,
+    vocab_id: str,
+    with_confidence: bool = False,
+    confidence_threshold: float | None = None,
+) -> pa.Table:
+    """Label maps -> the output rows: PNG mask, optional confidence PNG, per-class statistics, provenance."""
+    names = list(class_names)
+    dtype, unlabelled = mask_dtype(len(names)), unlabelled_value_for(len(names))
+    widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
+    errors = batch["error"].to_pylist()
+    masks, confidences, stats = [], [], []
+    for i, (raw_labels, raw_confidence) in enumerate(
+        zip(batch["labels"].to_pylist(), batch["confidence"].to_pylist(), strict=True)
+    ):
+        mask_png = confidence_png = class_stats = None
+        if errors[i] is None:
+            try:
+                shape = (heights[i], widths[i])
+                probability = np.frombuffer(raw_confidence, dtype=np.float32).reshape(shape)
+                label_map = np.frombuffer(raw_labels, dtype=dtype).reshape(shape)
+                mask = labels_to_mask(label_map, len(names), probability, confidence_threshold)
+                mask_png = encode_mask_png(mask)
+                confidence_png = encode_confidence_png(probability) if with_confidence else None
+                class_stats = class_statistics(mask, probability, names, unlabelled)
+            except Exception as err:
+                mask_png = confidence_png = class_stats = None
+                errors[i] = _describe_error("encode", err)
+        masks.append(mask_png)
+        confidences.append(confidence_png)
+        stats.append(class_stats)
+    rows = len(errors)
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source_uri": batch["source_uri"],
+            "width": batch["width"],
+            "height": batch["height"],
+            "mask_png": pa.array(masks, pa.binary()),
+            "confidence_png": pa.array(confidences, pa.binary()),
+            "class_stats": pa.array(stats, OUTPUT_SCHEMA.field("class_stats").type),
+            "error": pa.array(errors, pa.string()),
+            "run_id": pa.array([run_id] * rows, pa.string()),
+            "model_id": pa.array([model_id] * rows, pa.string()),
+            "vocab_id": pa.array([vocab_id] * rows, pa.string()),
+        },
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelConfig:
+    """One labelling run. ``input_uri`` (prefix, directory or glob) or ``manifest_uri`` names the images."""
+
+    output_uri: str
+    vocabulary: Vocabulary
+    model: ModelSource
+    input_uri: str | None = None
+    manifest_uri: str | None = None
+    uri_column: str = "uri"
+    run_id: str | None = None
+    batch_size: int = 4
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_actors: int | None = None  # None: one per GPU, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+    confidence: bool = False
+    confidence_threshold: float | None = None
+    limit: int | None = None
+    rows_per_file: int = 256
+
+    def __post_init__(self) -> None:
+        if (self.input_uri is None) == (self.manifest_uri is None):
+            raise ValueError("give exactly one of an input URI or a manifest URI")
+        if self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError("batch_size and rows_per_file must be at least 1")
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be in [0, 1], got {self.confidence_threshold}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("limit must be >= 0")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the content of the rows: a resumed run must match it (limit and resources may change)."""
+        return {
+            "input_uri": self.input_uri,
+            "manifest_uri": self.manifest_uri,
+            "uri_column": self.uri_column if self.manifest_uri else None,
+            "vocab_id": self.vocabulary.vocab_id,
+            "model_id": self.model.model_id,
+            "confidence": self.confidence,
+            "confidence_threshold": self.confidence_threshold,
+        }
+
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        digest = hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+        return f"run-{digest}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_gpus_per_actor: float
+    max_actors: int
+    cpus_per_actor: float
+
+    @classmethod
+    def for_cluster(cls, config: LabelConfig) -> Resources:
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        num_gpus = config.num_gpus_per_actor if config.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if config.max_actors is not None:
+            max_actors = config.max_actors
+        elif num_gpus > 0:
+            max_actors = max(1, int(gpus // num_gpus))
+        else:
+            max_actors = 1
+        return cls(num_gpus, max_actors, config.cpus_per_actor)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def read_manifest_uris(manifest_uri: str, uri_column: str) -> list[str | None]:
+    """The URI column of a Parquet / CSV / JSON-lines manifest; relative paths resolve against its folder."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(manifest_uri)
+    lower = path.lower()
+    with fs.open(path, "rb") as f:
+        if lower.endswith((".csv", ".tsv", ".csv.gz")):
+            options = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+            table = pacsv.read_csv(f, parse_options=options)
+        elif lower.endswith((".jsonl", ".json", ".ndjson")):
+            table = pajson.read_json(f)
+        else:
+            table = pq.read_table(f)
+    if uri_column not in table.column_names:
+        raise ValueError(f"manifest {manifest_uri} has no column {uri_column!r}; columns: {table.column_names}")
+    base = posixpath.dirname(manifest_uri.rstrip("/"))
+    uris = []
+    for value in table[uri_column].to_pylist():
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            uris.append(None)
+        elif "://" in text or text.startswith("/"):
+            uris.append(text)
+        else:
+            uris.append(storage.join(base, text))
+    return uris
+
+
+@dataclass
+class InputPlan:
+    uris: list[str]  # unique, in listing / manifest order, after --limit
+    duplicates: int = 0
+    blank: int = 0
+
+
+def plan_inputs(config: LabelConfig) -> InputPlan:
+    if config.manifest_uri is not None:
+        listed = read_manifest_uris(config.manifest_uri, config.uri_column)
+    else:
+        listed = storage.list_files(config.input_uri, storage.IMAGE_SUFFIXES)
+    seen: set[str] = set()
+    plan = InputPlan([])
+    for uri in listed:
+        if uri is None:
+            plan.blank += 1
+        elif uri in seen:
+            plan.duplicates += 1
+        else:
+            seen.add(uri)
+            plan.uris.append(uri)
+    if config.limit is not None:
+        plan.uris = plan.uris[: config.limit]
+    return plan
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------------
+def build_labelling_dataset(
+    sources: list[tuple[str, str]], config: LabelConfig, run_id: str, resources: Resources
+) -> ray.data.Dataset:
+    """(image_id, source_uri) pairs -> the dataset of output rows (lazy; nothing runs until it is written)."""
+    rows_per_block = config.batch_size  # small blocks keep every stage streaming
+    blocks = [
+        pa.table(
+            {
+                "image_id": [s[0] for s in sources[start : start + rows_per_block]],
+                "source_uri": [s[1] for s in sources[start : start + rows_per_block]],
+            },
+            schema=SOURCE_SCHEMA,
+        )
+        for start in range(0, len(sources), rows_per_block)
+    ]
+    names = list(config.vocabulary.names)
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=READ_CPUS)
+        .map_batches(decode_images, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
+        .map_batches(
+            SegmentationModel,
+            fn_constructor_kwargs={
+                "model_uri": config.model.uri,
+                "class_names": names,
+                "cpu_threads": max(1, math.ceil(resources.cpus_per_actor)),
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.max_actors),
+            num_gpus=resources.num_gpus_per_actor,
+            num_cpus=resources.cpus_per_actor,
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+        )
+        .map_batches(
+            encode_predictions,
+            fn_kwargs={
+                "class_names": names,
+                "run_id": run_id,
+                "model_id": config.model.model_id,
+                "vocab_id": config.vocabulary.vocab_id,
+                "with_confidence": config.confidence,
+                "confidence_threshold": config.confidence_threshold,
+            },
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=ENCODE_CPUS,
+        )
+    )
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output_uri: str
+    inputs: int  # unique input images of this run
+    skipped: int  # already labelled by an earlier attempt
+    processed: int  # labelled (or failed) by this attempt
+    ok: int  # rows with a mask in the whole output
+    errors: int  # rows with an error in the whole output
+    missing: int  # inputs without a row (0 after a successful run)
+    seconds: float
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _check_resumable(existing: dict[str, Any] | None, config: LabelConfig, run_id: str, output_uri: str) -> None:
+    if existing is None:
+        return
+    if existing.get("run_id") != run_id:
+        vocabulary, model = existing.get("vocabulary", {}).get("source"), existing.get("model", {}).get("id")
+        raise OutputConflictError(
+            f"{output_uri} already holds run {existing.get('run_id')!r} (vocabulary {vocabulary}, model {model}); "
+            f"pass --run-id {existing.get('run_id')} with that run's options to resume it, or choose another --output"
+        )
+    before, now = existing.get("fingerprint", {}), config.fingerprint()
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise OutputConflictError(
+            f"run {run_id!r} in {output_uri} was started with other settings ({', '.join(changed)} differ); "
+            "resume it with the same options, or start a new run in another --output"
+        )
+
+
+def run_labelling(config: LabelConfig) -> RunSummary:
+    """Label every input image not yet in the output; write the rows and the run manifest; return a summary."""
+    storage.check_writable(config.output_uri)
+    if not ray.is_initialized():
+        ray.init()
+    run_id = config.resolved_run_id()
+    existing = read_manifest(config.output_uri)
+    _check_resumable(existing, config, run_id, config.output_uri)
+    plan = plan_inputs(config)
+    done = committed_image_ids(config.output_uri, run_id)
+    sources = [(image_id_for(uri), uri) for uri in plan.uris]
+    todo = [source for source in sources if source[0] not in done]
+    resources = Resources.for_cluster(config)
+    num_classes = len(config.vocabulary)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": "running",
+        "created_at": (existing or {}).get("created_at", _now()),
+        "updated_at": _now(),
+        "layout": {"data": "data/*.parquet", "table": "one row per input image"},
+        "fingerprint": config.fingerprint(),
+        "input": {
+            "uri": config.input_uri,
+            "manifest": config.manifest_uri,
+            "uri_column": config.uri_column,
+            "limit": config.limit,
+        },
+        "vocabulary": {
+            "vocab_id": config.vocabulary.vocab_id,
+            "source": config.vocabulary.source,
+            "names": list(config.vocabulary.names),
+        },
+        "model": {"id": config.model.model_id, "uri": config.model.uri},
+        "config": {
+            "batch_size": config.batch_size,
+            "confidence": config.confidence,
+            "confidence_threshold": config.confidence_threshold,
+            "mask_bits": 8 * mask_dtype(num_classes).itemsize,
+            "unlabelled_value": unlabelled_value_for(num_classes),
+            "rows_per_file": config.rows_per_file,
+            **asdict(resources),
+        },
+        "counts": (existing or {}).get("counts", {}),
+        "attempts": (existing or {}).get("attempts", []),
+    }
+    write_manifest(config.output_uri, manifest)  # written first: a crashed run is identifiable and resumable
+
+    started = time.perf_counter()
+    if todo:
+        fs, path = arrow_filesystem(data_uri(config.output_uri))
+        build_labelling_dataset(todo, config, run_id, resources).write_parquet(
+            path,
+            filesystem=fs,
+            min_rows_per_file=config.rows_per_file,
+            ray_remote_args={"num_cpus": WRITE_CPUS},
+            schema=OUTPUT_SCHEMA,
+        )
+    seconds = time.perf_counter() - started
+
+    present, ok, errors = count_rows(config.output_uri)
+    missing = sum(1 for image_id, _ in sources if image_id not in present)
+    manifest["status"] = "complete" if missing == 0 else "incomplete"
+    manifest["updated_at"] = _now()
+    manifest["counts"] = {
+        "inputs": len(sources),
+        "ok": ok,
+        "error": errors,
+        "missing": missing,
+        "duplicate_inputs": plan.duplicates,
+        "blank_manifest_rows": plan.blank,
+    }
+    manifest["attempts"].append(
+        {"finished_at": _now(), "processed": len(todo), "skipped": len(sources) - len(todo), "seconds": seconds}
+    )
+    write_manifest(config.output_uri, manifest)
+    return RunSummary(
+        run_id=run_id,
+        output_uri=config.output_uri,
+        inputs=len(sources),
+        skipped=len(sources) - len(todo),
+        processed=len(todo),
+        ok=ok,
+        errors=errors,
+        missing=missing,
+        seconds=seconds,
+        resources=asdict(resources),
+    )

@@ -1,0 +1,283 @@
+"""The labelling output on storage: layout, schema, run manifest, resume scan, SQL queries and mask export.
+
+Layout under an output URI (a local directory or any fsspec URI such as s3://bucket/labels)::
+
+    <output>/manifest.json        run manifest: vocabulary, model, config, counts, attempts
+    <output>/data/*.parquet       one row per input image (schema: OUTPUT_SCHEMA)
+
+A Parquet file is committed once its footer is readable: object stores publish an object only when its upload
+completes, and a local file killed mid-write has no valid footer. :func:`committed_image_ids` deletes such
+half-written files and returns the ids already labelled, which a resumed run skips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from . import storage
+from .masks import decode_mask_png, rle_encode
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+DATA_DIR = "data"
+SCHEMA_VERSION = 1
+
+CLASS_STAT_TYPE = pa.struct(
+    [
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("pixel_count", pa.int64()),
+        ("fraction", pa.float64()),
+        ("mean_score", pa.float64()),
+    ]
+)
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_png", pa.binary()),
+        ("confidence_png", pa.binary()),
+        ("class_stats", pa.list_(CLASS_STAT_TYPE)),
+        ("error", pa.string()),
+        ("run_id", pa.string()),
+        ("model_id", pa.string()),
+        ("vocab_id", pa.string()),
+    ]
+)
+
+
+class OutputConflictError(ValueError):
+    """The output already holds labels from another run (or an incompatible configuration)."""
+
+
+def manifest_uri(output_uri: str) -> str:
+    return storage.join(output_uri, MANIFEST_FILE)
+
+
+def data_uri(output_uri: str) -> str:
+    return storage.join(output_uri, DATA_DIR)
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for any fsspec URI.
+
+    Remote stores go through fsspec (wrapped for pyarrow) so endpoints and credentials resolve exactly as for
+    every other read here (pyarrow's own S3 client ignores AWS_ENDPOINT_URL).
+    """
+    fs, path = storage.filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+# -- run manifest ---------------------------------------------------------------------------------------------
+def read_manifest(output_uri: str) -> dict[str, Any] | None:
+    uri = manifest_uri(output_uri)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_text(uri))
+
+
+def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
+    """Replace the manifest in one step: a single PUT on object stores, write-then-rename on local disks."""
+    uri = manifest_uri(output_uri)
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    fs, path = storage.filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    else:
+        storage.write_text(uri, text)
+
+
+# -- committed data -------------------------------------------------------------------------------------------
+def parquet_files(output_uri: str, *, remove_incomplete: bool = False) -> list[str]:
+    """Paths (inside their filesystem) of the committed Parquet files under ``<output>/data``.
+
+    Files whose footer cannot be read were cut off by a killed writer; with ``remove_incomplete`` they are
+    deleted (their rows are simply labelled again), otherwise skipped.
+    """
+    fs, root = storage.filesystem(data_uri(output_uri))
+    fs.invalidate_cache(root)  # listings are cached per filesystem instance; another process may have written
+    if not fs.isdir(root):
+        return []
+    committed = []
+    for path in sorted(fs.find(root)):
+        name = posixpath.basename(path)
+        if name.startswith((".", "_")) or not name.endswith(".parquet"):
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                pq.read_metadata(f)
+        except Exception as err:  # any reader error means "not a complete Parquet file"
+            if remove_incomplete:
+                logger.warning("removing incomplete output file %s (%s)", path, err)
+                fs.rm(path)
+            continue
+        committed.append(path)
+    return committed
+
+
+def open_labels(output_uri: str, *, files: list[str] | None = None) -> pads.Dataset:
+    """The labelling output as a pyarrow dataset (works for local paths and s3:// alike)."""
+    files = parquet_files(output_uri) if files is None else files
+    fs, _ = arrow_filesystem(data_uri(output_uri))
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = [os.path.abspath(f) for f in files]
+    return pads.dataset(files, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs)
+
+
+def committed_image_ids(output_uri: str, run_id: str) -> set[str]:
+    """Ids of images already in committed files of this run; refuses an output that holds another run."""
+    files = parquet_files(output_uri, remove_incomplete=True)
+    if not files:
+        return set()
+    table = open_labels(output_uri, files=files).to_table(columns=["image_id", "run_id"])
+    other_runs = set(pc.unique(table["run_id"]).to_pylist()) - {run_id}
+    if other_runs:
+        raise OutputConflictError(
+            f"{output_uri} already holds labels of run(s) {sorted(other_runs)}; "
+            f"pass --run-id {sorted(other_runs)[0]} to resume that run, or choose another --output"
+        )
+    return set(table["image_id"].to_pylist())
+
+
+def count_rows(output_uri: str) -> tuple[set[str], int, int]:
+    """(image ids present, rows with a mask, rows with an error) over the committed files."""
+    files = parquet_files(output_uri)
+    if not files:
+        return set(), 0, 0
+    table = open_labels(output_uri, files=files).to_table(columns=["image_id", "error"])
+    errors = len(table) - table["error"].null_count
+    return set(table["image_id"].to_pylist()), len(table) - errors, errors
+
+
+# -- queries --------------------------------------------------------------------------------------------------
+def query_labels(output_uri: str, sql: str) -> pa.Table:
+    """Run DuckDB SQL over the output, exposed as the table ``labels``.
+
+    Data is scanned through a pyarrow dataset, so s3:// works without DuckDB's httpfs extension. Per-class rows:
+    ``SELECT s.class_name, count(*) FROM labels, unnest(class_stats) AS t(s) GROUP BY 1``.
+    """
+    import duckdb  # only the query side needs it
+
+    connection = duckdb.connect()
+    try:
+        connection.register("labels", open_labels(output_uri))
+        return connection.sql(sql).to_arrow_table()
+    finally:
+        connection.close()
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportResult:
+    images: int
+    files: list[str]
+
+
+def _labelled_rows(output_uri: str, where: str | None, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """Rows with a mask (optionally filtered by a SQL predicate on ``labels``), streamed batch by batch."""
+    condition = "error IS NULL" + (f" AND ({where})" if where else "")
+    import duckdb  # only the query side needs it
+
+    connection = duckdb.connect()
+    try:
+        connection.register("labels", open_labels(output_uri))
+        reader = connection.sql(
+            f"SELECT {', '.join(columns)} FROM labels WHERE {condition} ORDER BY image_id"
+        ).to_arrow_reader(batch_size=64)
+        for batch in reader:
+            yield from batch.to_pylist()
+    finally:
+        connection.close()
+
+
+def export_png(output_uri: str, destination: str, *, where: str | None = None) -> ExportResult:
+    """Write each stored mask as ``<destination>/<image_id>.png`` (bytes as stored) plus ``index.json``."""
+    manifest = read_manifest(output_uri) or {}
+    images, files = [], []
+    for row in _labelled_rows(output_uri, where, ["image_id", "source_uri", "width", "height", "mask_png"]):
+        name = f"{row['image_id']}.png"
+        storage.write_bytes(storage.join(destination, name), row["mask_png"])
+        images.append({k: row[k] for k in ("image_id", "source_uri", "width", "height")} | {"file": name})
+        files.append(name)
+    index = {
+        "classes": manifest.get("vocabulary", {}).get("names"),
+        "unlabelled_value": manifest.get("config", {}).get("unlabelled_value"),
+        "images": images,
+    }
+    storage.write_text(storage.join(destination, "index.json"), json.dumps(index, indent=2) + "\n")
+    return ExportResult(len(images), [*files, "index.json"])
+
+
+def _bbox(binary: np.ndarray) -> list[int]:
+    rows = np.flatnonzero(binary.any(axis=1))
+    cols = np.flatnonzero(binary.any(axis=0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def export_coco_rle(output_uri: str, destination: str, *, where: str | None = None) -> ExportResult:
+    """Write ``<destination>/annotations.json`` in COCO format: one RLE annotation per (image, class present).
+
+    Category ids are the class ids of the vocabulary; image ids are 1-based in order of ``image_id``, with the
+    output's own id in ``catseg_image_id`` and the source URI as ``file_name``.
+    """
+    manifest = read_manifest(output_uri) or {}
+    names = manifest.get("vocabulary", {}).get("names") or []
+    images, annotations, categories = [], [], {i: name for i, name in enumerate(names)}
+    columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats"]
+    for number, row in enumerate(_labelled_rows(output_uri, where, columns), start=1):
+        images.append(
+            {
+                "id": number,
+                "file_name": row["source_uri"],
+                "width": row["width"],
+                "height": row["height"],
+                "catseg_image_id": row["image_id"],
+            }
+        )
+        mask = decode_mask_png(row["mask_png"])
+        for stat in row["class_stats"] or []:
+            binary = mask == stat["class_id"]
+            categories.setdefault(stat["class_id"], stat["class_name"])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": number,
+                    "category_id": stat["class_id"],
+                    "segmentation": rle_encode(binary),
+                    "area": int(binary.sum()),
+                    "bbox": _bbox(binary),
+                    "iscrowd": 0,
+                    "score": stat["mean_score"],
+                }
+            )
+    coco = {
+        "info": {"description": "CAT-Seg labels", "run_id": manifest.get("run_id")},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name} for i, name in sorted(categories.items())],
+    }
+    storage.write_text(storage.join(destination, "annotations.json"), json.dumps(coco) + "\n")
+    return ExportResult(len(images), ["annotations.json"])

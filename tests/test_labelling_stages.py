@@ -1,0 +1,158 @@
+"""The pipeline's stages and mask helpers as plain functions (no Ray): decoding, encoding, thresholds, RLE."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from labelling_samples import bad_images, encode_image, good_images
+from PIL import Image
+
+from pipelines.images import ImageDecodeError, decode_image
+from pipelines.labelling import PREDICTED_SCHEMA, decode_images, encode_predictions
+from pipelines.masks import (
+    class_statistics,
+    decode_confidence_png,
+    decode_mask_png,
+    encode_mask_png,
+    mask_dtype,
+    rle_decode,
+    rle_encode,
+    unlabelled_value,
+)
+
+
+@pytest.mark.parametrize("name", sorted(good_images()))
+def test_good_images_decode_to_rgb_of_their_displayed_size(name):
+    data, (height, width) = good_images()[name]
+    rgb = decode_image(data)
+    assert rgb.shape == (height, width, 3) and rgb.dtype == np.uint8
+
+
+def test_16_bit_grayscale_scales_over_the_full_range():
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    rgb = decode_image(encode_image(Image.fromarray(values), "PNG"))
+    assert rgb[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_exif_orientation_is_applied():
+    stored = np.zeros((10, 30, 3), np.uint8)
+    stored[:, :5] = 255  # white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display: the band ends up on top
+    rgb = decode_image(encode_image(Image.fromarray(stored), "JPEG", exif=exif, quality=100))
+    assert rgb.shape == (30, 10, 3)
+    assert rgb[:5].mean() > 200 and rgb[10:].mean() < 50
+
+
+@pytest.mark.parametrize("name", sorted(bad_images()))
+def test_bad_bytes_raise_a_readable_decode_error(name):
+    with pytest.raises(ImageDecodeError):
+        decode_image(bad_images()[name])
+
+
+def test_decode_stage_keeps_failed_rows_and_their_neighbours():
+    good, (height, width) = good_images()["gray.png"]
+    batch = pa.table(
+        {
+            "image_id": ["a", "b", "c"],
+            "source_uri": ["u/a", "u/b", "u/c"],
+            "data": pa.array([good, b"junk", None], pa.large_binary()),
+            "error": [None, None, "read: FileNotFoundError: u/c"],
+        }
+    )
+    rows = decode_images(batch).to_pylist()
+    assert (rows[0]["height"], rows[0]["width"], rows[0]["error"]) == (height, width, None)
+    assert len(rows[0]["pixels"]) == height * width * 3
+    assert rows[1]["error"] == "decode: not a recognized image format" and rows[1]["pixels"] is None
+    assert rows[2]["error"] == "read: FileNotFoundError: u/c"
+
+
+def _predicted(labels: np.ndarray, confidence: np.ndarray, error: str | None = None) -> pa.Table:
+    height, width = labels.shape
+    return pa.table(
+        {
+            "image_id": ["x", "y"],
+            "source_uri": ["u/x", "u/y"],
+            "width": pa.array([width, None], pa.int32()),
+            "height": pa.array([height, None], pa.int32()),
+            "labels": pa.array([labels.tobytes(), None], pa.large_binary()),
+            "confidence": pa.array([confidence.astype(np.float32).tobytes(), None], pa.large_binary()),
+            "error": [None, "decode: empty file (0 bytes)"],
+        },
+        schema=PREDICTED_SCHEMA,
+    )
+
+
+def test_confidence_threshold_writes_the_unlabelled_value_8_bit():
+    labels = np.array([[0, 1, 2], [2, 2, 1]], np.uint8)
+    confidence = np.array([[0.9, 0.2, 0.8], [0.7, 0.1, 0.6]], np.float32)
+    out = encode_predictions(
+        _predicted(labels, confidence), class_names=["a", "b", "c"], run_id="r", model_id="m", vocab_id="v",
+        with_confidence=True, confidence_threshold=0.5,
+    ).to_pylist()  # fmt: skip
+    mask = decode_mask_png(out[0]["mask_png"])
+    assert mask.tolist() == [[0, 255, 2], [2, 255, 1]]
+    stats = {s["class_name"]: s for s in out[0]["class_stats"]}
+    assert stats["c"]["pixel_count"] == 2 and stats["c"]["fraction"] == pytest.approx(2 / 6)
+    assert stats["c"]["mean_score"] == pytest.approx(0.75)
+    assert stats["b"]["pixel_count"] == 1 and stats["b"]["mean_score"] == pytest.approx(0.6)
+    assert np.allclose(decode_confidence_png(out[0]["confidence_png"]), confidence, atol=1 / 255)
+    assert out[1]["mask_png"] is None and out[1]["error"] == "decode: empty file (0 bytes)"
+    assert {out[0]["run_id"], out[0]["model_id"], out[0]["vocab_id"]} == {"r", "m", "v"}
+
+
+def test_large_vocabularies_get_16_bit_masks_with_65535_unlabelled():
+    names = [f"class {i}" for i in range(300)]
+    labels = np.array([[0, 299], [256, 17]], np.uint16)
+    confidence = np.array([[0.9, 0.9], [0.1, 0.9]], np.float32)
+    out = encode_predictions(
+        _predicted(labels, confidence), class_names=names, run_id="r", model_id="m", vocab_id="v",
+        confidence_threshold=0.5,
+    ).to_pylist()  # fmt: skip
+    raw = out[0]["mask_png"]
+    assert Image.open(io.BytesIO(raw)).mode in ("I;16", "I")
+    mask = decode_mask_png(raw)
+    assert mask.dtype == np.uint16 and mask.tolist() == [[0, 299], [65535, 17]]
+    assert [s["class_id"] for s in out[0]["class_stats"]] == [0, 17, 299]
+    assert out[0]["confidence_png"] is None
+
+
+def test_mask_types_follow_the_vocabulary_size():
+    assert (mask_dtype(255), unlabelled_value(255)) == (np.uint8, 255)
+    assert (mask_dtype(256), unlabelled_value(256)) == (np.uint16, 65535)
+    with pytest.raises(ValueError):
+        mask_dtype(65536)
+
+
+def test_mask_png_round_trips_both_depths():
+    rng = np.random.default_rng(0)
+    for dtype, high in ((np.uint8, 256), (np.uint16, 65536)):
+        mask = rng.integers(0, high, (17, 23)).astype(dtype)
+        decoded = decode_mask_png(encode_mask_png(mask))
+        assert decoded.dtype == dtype and np.array_equal(decoded, mask)
+
+
+def test_class_statistics_skip_unlabelled_and_absent_classes():
+    mask = np.array([[0, 0, 255], [3, 3, 3]], np.uint8)
+    confidence = np.full(mask.shape, 0.5, np.float32)
+    stats = class_statistics(mask, confidence, ["a", "b", "c", "d"], 255)
+    assert [(s["class_name"], s["pixel_count"]) for s in stats] == [("a", 2), ("d", 3)]
+
+
+def test_rle_matches_the_coco_string_format():
+    # column-major [0, 1, 1, 1] -> counts [1, 3] -> "13" (pycocotools encodes small counts as chr(48 + n))
+    assert rle_encode(np.array([[0, 1], [1, 1]], bool)) == {"size": [2, 2], "counts": "13"}
+    assert rle_encode(np.array([[1, 1], [1, 0]], bool), compressed=False)["counts"] == [0, 3, 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rle_round_trips(seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((rng.integers(1, 60), rng.integers(1, 60))) > rng.random()
+    mask[: rng.integers(0, mask.shape[0])] ^= True  # long runs, so deltas go negative and positive
+    for compressed in (True, False):
+        assert np.array_equal(rle_decode(rle_encode(mask, compressed=compressed)), mask)

@@ -1,0 +1,124 @@
+"""jobs.query over a real labelling output on S3: SQL answers checked against the decoded masks, and exports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import boto3
+import numpy as np
+import pytest
+from labelling_samples import encode_image, noise_array, upload
+from PIL import Image
+
+from jobs import query as query_cli
+from pipelines.labelling import LabelConfig, resolve_model, run_labelling
+from pipelines.masks import decode_mask_png, rle_decode
+from pipelines.output import open_labels, query_labels
+from pipelines.vocabulary import load_vocabulary
+
+CLASSES = ["cat", "dog", "sky"]
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_cluster, s3_endpoint, tiny_checkpoint):
+    bucket = f"query-{os.getpid() % 10000}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    images = {
+        f"q{i}.png": encode_image(Image.fromarray(noise_array(36 + 8 * i, 52, 3, 40 + i)), "PNG") for i in range(5)
+    }
+    images["broken.jpg"] = b"not a jpeg"
+    upload(client, bucket, "in", images)
+    config = LabelConfig(
+        output_uri=f"s3://{bucket}/out",
+        vocabulary=load_vocabulary(CLASSES),
+        model=resolve_model(checkpoint=tiny_checkpoint),
+        input_uri=f"s3://{bucket}/in",
+        batch_size=3,
+        num_gpus_per_actor=0,
+        cpus_per_actor=0.5,
+    )
+    run_labelling(config)
+    rows = open_labels(config.output_uri).to_table().to_pylist()
+    masks = {r["image_id"]: decode_mask_png(r["mask_png"]) for r in rows if r["error"] is None}
+    return config.output_uri, masks
+
+
+def test_class_frequency_query_matches_the_masks(labelled):
+    output, masks = labelled
+    sql = """
+        SELECT s.class_name AS class_name, count(*) AS images, sum(s.pixel_count) AS pixels
+        FROM labels, unnest(class_stats) AS t(s) GROUP BY 1 ORDER BY 1
+    """
+    answer = {r["class_name"]: (r["images"], r["pixels"]) for r in query_labels(output, sql).to_pylist()}
+    expected = {}
+    for class_id, name in enumerate(CLASSES):
+        present = [m for m in masks.values() if (m == class_id).any()]
+        if present:
+            expected[name] = (len(present), int(sum((m == class_id).sum() for m in present)))
+    assert answer == expected
+
+
+def test_images_where_a_class_covers_more_than_a_share_match_the_masks(labelled, capsys):
+    output, masks = labelled
+    fractions = sorted(float((m == 2).mean()) for m in masks.values())
+    share = (fractions[1] + fractions[2]) / 2  # between two images: some qualify, some don't
+    expected = sorted(image_id for image_id, m in masks.items() if (m == 2).mean() > share)
+    assert 0 < len(expected) < len(masks)
+    sql = (
+        "SELECT image_id FROM labels, unnest(class_stats) AS t(s) "
+        f"WHERE s.class_name = 'sky' AND s.fraction > {share} ORDER BY image_id"
+    )
+    assert query_cli.main(["--output", output, "--sql", sql, "--format", "json"]) == 0
+    printed = [json.loads(line)["image_id"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == expected
+
+
+def test_error_rows_are_queryable(labelled):
+    output, _ = labelled
+    rows = query_labels(output, "SELECT source_uri, error FROM labels WHERE error IS NOT NULL").to_pylist()
+    assert len(rows) == 1 and rows[0]["source_uri"].endswith("broken.jpg")
+
+
+def test_png_export_round_trips(labelled, tmp_path):
+    output, masks = labelled
+    assert query_cli.main(["--output", output, "--export", "png", "--to", str(tmp_path)]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["classes"] == CLASSES and index["unlabelled_value"] == 255
+    assert sorted(i["image_id"] for i in index["images"]) == sorted(masks)
+    for image_id, mask in masks.items():
+        exported = np.asarray(Image.open(tmp_path / f"{image_id}.png"))
+        assert np.array_equal(exported, mask)
+        assert np.array_equal(decode_mask_png((tmp_path / f"{image_id}.png").read_bytes()), mask)
+
+
+def test_coco_rle_export_round_trips(labelled, tmp_path):
+    output, masks = labelled
+    assert query_cli.main(["--output", output, "--export", "coco-rle", "--to", str(tmp_path)]) == 0
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == CLASSES
+    images = {i["id"]: i for i in coco["images"]}
+    assert sorted(i["catseg_image_id"] for i in images.values()) == sorted(masks)
+    rebuilt = {i["catseg_image_id"]: np.full((i["height"], i["width"]), 255, np.uint8) for i in images.values()}
+    for annotation in coco["annotations"]:
+        image = images[annotation["image_id"]]
+        binary = rle_decode(annotation["segmentation"])
+        assert annotation["area"] == int(binary.sum())
+        rebuilt[image["catseg_image_id"]][binary] = annotation["category_id"]
+    for image_id, mask in masks.items():
+        assert np.array_equal(rebuilt[image_id], mask)
+
+
+def test_export_where_selects_images(labelled, tmp_path):
+    output, masks = labelled
+    some = sorted(masks)[:2]
+    where = f"image_id IN ('{some[0]}', '{some[1]}')"
+    assert query_cli.main(["--output", output, "--export", "png", "--to", str(tmp_path), "--where", where]) == 0
+    assert sorted(p.stem for p in tmp_path.glob("*.png")) == some
+
+
+def test_bad_sql_is_a_one_line_error(labelled, capsys):
+    output, _ = labelled
+    assert query_cli.main(["--output", output, "--sql", "SELEC nothing"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
