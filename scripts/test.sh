@@ -10,6 +10,11 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # constraints.txt pins the versions the tests were run with: a fast, reproducible resolve
 .venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+# Headless Chromium for the preview page's browser test (Debian package; the test skips, saying why, without it).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+        || echo "chromium could not be installed: the browser test will be skipped"
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # No model hub at test time: fail fast instead of retrying downloads; no telemetry; no token auth on local Ray.
