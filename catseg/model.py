@@ -140,7 +140,15 @@ class CATSeg(nn.Module):
 
         chunks = self.aggregator(dense, text, class_chunk=class_chunk)
         decoder_guidance = self.decoder.project_guidance(guidance)
-        logits = torch.cat([self.decoder(chunk, decoder_guidance) for chunk in chunks], dim=1)
+        logits = None
+        start = 0
+        for i, chunk in enumerate(chunks):
+            part = self.decoder(chunk, decoder_guidance)
+            chunks[i] = None  # free each aggregated chunk once decoded
+            if logits is None:
+                logits = part.new_empty((batch, text.shape[1], *part.shape[2:]))
+            logits[:, start : start + part.shape[1]] = part
+            start += part.shape[1]
         if kept is None:
             return logits
         full = logits.new_full((batch, classes, *logits.shape[2:]), TRUNCATED_LOGIT)

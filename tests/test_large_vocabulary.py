@@ -87,9 +87,10 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent(
     """
 )
 
-# Without chunking, 2000 class maps through the tiny decoder alone hold several GB of activations; chunked,
-# the aggregated volume (2000 x 32 x 24 x 24 floats, 150 MB) and the logits (75 MB) are the largest things alive.
-MEMORY_GROWTH_BOUND_MIB = 600
+# Without chunking, one activation of the tiny decoder over 2000 class maps (2000 x 32 x 96 x 96 floats) is
+# 2.4 GB; chunked, the aggregated volume (2000 x 32 x 24 x 24 floats, 150 MB) and the logits (75 MB) are the
+# largest things alive. Measured growth: about 550 MiB (allocator slack included).
+MEMORY_GROWTH_BOUND_MIB = 1000
 
 
 def test_2000_classes_run_on_cpu_within_a_memory_bound():
