@@ -1,0 +1,128 @@
+"""Evaluate CAT-Seg on a paper benchmark (mIoU, sliding-window protocol) as a Ray Data job.
+
+    python -m jobs.evaluate --data s3://bucket/datasets --benchmark ade150 --checkpoint s3://bucket/models/b16 \\
+        --output s3://bucket/eval/b16
+
+Prints a per-class table and the headline mIoU, writes ``evaluation_<benchmark>.json`` (and the summed
+confusion matrix) under --output. --checkpoint takes a catseg.save_model directory, an official .pth, a
+fine-tuning checkpoint (``RUN/step_N``) or a fine-tuning run directory (its latest checkpoint).
+Runs on an embedded local Ray unless a cluster address is set (RAY_ADDRESS, as under `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+
+from pipelines.benchmarks import BENCHMARKS
+
+STEP_DIR = re.compile(r"^step_(\d+)$")  # pipelines.training writes RUN/step_NNNNNNNN/model/
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="datasets root ($DETECTRON2_DATASETS) or the benchmark's folder; for manifest: the Parquet/CSV file",
+    )
+    parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="catseg checkpoint dir, official .pth, or fine-tuning run/step dir")
+    model.add_argument("--model", help="registered model with released weights: vit_b16, vit_l14 (needs internet)")
+    parser.add_argument("--classes", help="class names, one per line (required for manifest; else replaces prompts)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images (in file-name order)")
+    parser.add_argument("--output", help="directory/prefix (or .json file) for the report")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per model call (default: 2)")
+    parser.add_argument("--num-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
+    parser.add_argument("--max-actors", type=int, help="model actors at most (default: one per GPU, or 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    return parser.parse_args(argv)
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """The model directory inside a fine-tuning checkpoint or run (latest step), else ``uri`` unchanged."""
+    from pipelines import storage
+
+    if uri.split("?")[0].endswith((".pth", ".pt")) or storage.exists(storage.join(uri, "config.json")):
+        return uri
+    if storage.exists(storage.join(uri, "model", "config.json")):
+        return storage.join(uri, "model")
+    fs, path = storage.filesystem(uri)
+    if not fs.isdir(path):
+        return uri  # the model loader explains what is missing
+    steps = []
+    for entry in fs.ls(path, detail=False):
+        match = STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        model_dir = storage.join(uri, match.group(0), "model") if match else None
+        if model_dir and storage.exists(storage.join(model_dir, "config.json")):
+            steps.append((int(match.group(1)), model_dir))
+    return max(steps)[1] if steps else uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from pipelines import storage
+    from pipelines.benchmarks import LabelIdError, load_benchmark
+    from pipelines.evaluation import (
+        CatSegPredictorFactory,
+        EvaluationConfig,
+        evaluate,
+        format_table,
+        headline,
+        write_report,
+    )
+    from pipelines.labelling import resolve_model
+
+    try:
+        config = EvaluationConfig(
+            batch_size=args.batch_size,
+            num_gpus_per_actor=args.num_gpus_per_actor,
+            max_actors=args.max_actors,
+            cpus_per_actor=args.cpus_per_actor,
+        )
+        if args.output:
+            storage.check_writable(args.output.rsplit("/", 1)[0] if args.output.endswith(".json") else args.output)
+        evaluation_set = load_benchmark(args.benchmark, args.data, classes=args.classes, limit=args.limit)
+        checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+        model = resolve_model(args.model, checkpoint)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{evaluation_set.benchmark}: {len(evaluation_set)} images under {evaluation_set.root}, "
+        f"{len(evaluation_set.vocabulary)} prompts, {evaluation_set.num_classes} classes; model {model.model_id}",
+        flush=True,
+    )
+
+    # No address: an embedded local Ray. RAY_ADDRESS (set by `ray job submit`) connects to the cluster instead.
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    factory = CatSegPredictorFactory(model.uri, cpu_threads=max(1, math.ceil(args.cpus_per_actor)))
+    try:
+        result = evaluate(evaluation_set, factory, config, model_id=model.model_id)
+    except LabelIdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(headline(result))
+    for error in result.errors[:10]:
+        print(f"failed: {error['image_uri']}: {error['error']}", file=sys.stderr)
+    if args.output:
+        print(f"report: {write_report(result, args.output)}")
+    failed = f", {result.images_failed} images FAILED (see the report)" if result.images_failed else ""
+    print(f"done in {result.seconds:.1f} s: {result.benchmark} mIoU {_percent(result.metrics.miou)}{failed}")
+    return 0
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Readers for the validation sets of the paper's evaluation (layouts written by CAT-Seg's datasets/prepare_*.py).
+
+``--data`` may be the datasets root (``$DETECTRON2_DATASETS``, holding ``ADEChallengeData2016/``, ``VOCdevkit/``,
+...) or the benchmark's own folder; local paths and any fsspec URI (s3://, gs://, ...) work.
+
+========  ===========================================================  ============================================
+benchmark  images                                                      labels (class ids; ignored value)
+========  ===========================================================  ============================================
+ade150    ADEChallengeData2016/images/validation/*.jpg                 annotations_detectron2/validation/*.png
+                                                                       (0..149; 255), or the raw
+                                                                       annotations/validation/*.png (1..150; 0)
+ade847    ADE20K_2021_17_01/images_detectron2/validation/*.jpg         annotations_detectron2/validation/*.tif,
+                                                                       16-bit (0..846; 65535)
+pc59      VOCdevkit/VOC2010/JPEGImages/*.jpg                           annotations_detectron2/pc59_val/*.png
+                                                                       (0..58; 255)
+pc459     VOCdevkit/VOC2010/JPEGImages/*.jpg                           annotations_detectron2/pc459_val/*.tif
+                                                                       (0..458; 459, as CAT-Seg registers it)
+voc20     VOCdevkit/VOC2012/JPEGImages/*.jpg                           annotations_detectron2/val/*.png
+                                                                       (0..19; 255, background included)
+voc20b    VOCdevkit/VOC2012/JPEGImages/*.jpg                           annotations_detectron2_bg/val/*.png
+                                                                       (0..19, 20 = background; 255)
+manifest  Parquet/CSV of image_uri, label_uri + --classes FILE          label PNGs of class ids (255)
+========  ===========================================================  ============================================
+
+As in detectron2's ``load_sem_seg``, the label files decide which images are evaluated: VOC and PASCAL Context
+keep every photo of the challenge in one JPEGImages folder, and only those with a validation label count.
+
+VOC-20b: the model sees the 20 VOC names plus 39 PASCAL-Context names as background prompts (CAT-Seg's
+datasets/voc20b.json); every prediction of a background prompt (id >= 20) becomes class 20, "background", and
+the metric has 21 classes (CAT-Seg's ``VOCbEvaluator``).
+
+Decoded labels are uint16 class ids with :data:`IGNORE_ID` (65535) for ignored pixels, whatever the file stored.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from pipelines import storage
+
+IGNORE_ID = 65535
+BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
+VOC_BACKGROUND = "background"
+
+
+class LabelIdError(ValueError):
+    """A label holds class ids the class list does not cover: the benchmark or the class file is wrong."""
+
+
+@dataclass(frozen=True)
+class LabelEncoding:
+    """How a label file stores class ids: ``class id = stored value + offset``; ``ignore_values`` are ignored."""
+
+    offset: int = 0
+    ignore_values: tuple[int, ...] = (255,)
+
+
+# The encodings the prepare scripts write (and the raw ADE20K one, whose 0 means "unlabelled").
+CLASS_IDS_255 = LabelEncoding(0, (255,))
+ADE20K_RAW = LabelEncoding(-1, (0,))
+ADE20K_FULL = LabelEncoding(0, (65535,))
+PASCAL_CONTEXT_459 = LabelEncoding(0, (459,))
+
+
+@dataclass(frozen=True)
+class LabelFolder:
+    path: str  # relative to the benchmark root
+    suffix: str
+    encoding: LabelEncoding
+
+
+@dataclass(frozen=True)
+class BenchmarkLayout:
+    """Where one benchmark keeps its files, relative to its root folder."""
+
+    name: str
+    title: str
+    root_names: tuple[str, ...]  # the root as found under $DETECTRON2_DATASETS, outermost first
+    image_dir: str
+    label_folders: tuple[LabelFolder, ...]  # in order of preference
+    prepare_script: str
+    image_suffix: str = ".jpg"
+    background_from: int | None = None  # VOC-20b: predictions >= this id become this id
+
+
+LAYOUTS: dict[str, BenchmarkLayout] = {
+    layout.name: layout
+    for layout in (
+        BenchmarkLayout(
+            "ade150",
+            "ADE20K-150",
+            ("ADEChallengeData2016",),
+            "images/validation",
+            (
+                LabelFolder("annotations_detectron2/validation", ".png", CLASS_IDS_255),
+                LabelFolder("annotations/validation", ".png", ADE20K_RAW),
+            ),
+            "prepare_ade20k_150.py (optional: the raw annotations are read too)",
+        ),
+        BenchmarkLayout(
+            "ade847",
+            "ADE20K-847",
+            ("ADE20K_2021_17_01",),
+            "images_detectron2/validation",
+            (LabelFolder("annotations_detectron2/validation", ".tif", ADE20K_FULL),),
+            "prepare_ade20k_full.py",
+        ),
+        BenchmarkLayout(
+            "pc59",
+            "PASCAL Context 59",
+            ("VOCdevkit", "VOC2010"),
+            "JPEGImages",
+            (LabelFolder("annotations_detectron2/pc59_val", ".png", CLASS_IDS_255),),
+            "prepare_pascal_context_59.py",
+        ),
+        BenchmarkLayout(
+            "pc459",
+            "PASCAL Context 459",
+            ("VOCdevkit", "VOC2010"),
+            "JPEGImages",
+            (LabelFolder("annotations_detectron2/pc459_val", ".tif", PASCAL_CONTEXT_459),),
+            "prepare_pascal_context_459.py",
+        ),
+        BenchmarkLayout(
+            "voc20",
+            "PASCAL VOC 20",
+            ("VOCdevkit", "VOC2012"),
+            "JPEGImages",
+            (LabelFolder("annotations_detectron2/val", ".png", CLASS_IDS_255),),
+            "prepare_voc.py",
+        ),
+        BenchmarkLayout(
+            "voc20b",
+            "PASCAL VOC 20 with background",
+            ("VOCdevkit", "VOC2012"),
+            "JPEGImages",
+            (LabelFolder("annotations_detectron2_bg/val", ".png", CLASS_IDS_255),),
+            "prepare_voc.py",
+            background_from=20,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """What one evaluation needs: the (image, label) pairs, the prompts and the classes the metric counts."""
+
+    benchmark: str
+    root: str
+    pairs: list[tuple[str, str]]
+    vocabulary: list[str]  # class names given to the model (prediction id i = vocabulary[i])
+    class_names: list[str]  # the metric's classes (label id i = class_names[i])
+    label_encoding: LabelEncoding = field(default=CLASS_IDS_255)
+    background_from: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class names
+
+
+def _validate_vocabulary(names: list[str]) -> list[str]:
+    # imported here: Ray workers that only read and decode files then start without importing torch
+    from catseg import validate_vocabulary
+
+    return validate_vocabulary(names)
+
+
+def builtin_class_names(benchmark: str) -> list[str]:
+    """The class names CAT-Seg's evaluation gives the model for a benchmark (its datasets/<name>.json)."""
+    if benchmark not in LAYOUTS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(LAYOUTS)}")
+    from pipelines.vocabulary import load_vocabulary  # imported here, like catseg above
+
+    return list(load_vocabulary(preset=benchmark).names)  # the labelling presets are these lists
+
+
+def read_class_file(uri: str) -> list[str]:
+    """One class name per line (blank lines at the end are fine; lines starting with '#' are comments)."""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"class-names file not found: {uri}") from err
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise ValueError(f"{uri}: name #{blank[0]} is empty; the file needs one class name per line")
+    return _validate_vocabulary(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def load_benchmark(benchmark: str, data: str, classes: str | None = None, limit: int | None = None) -> EvaluationSet:
+    """The evaluation set of ``benchmark`` under ``data``; ``classes`` (a names file) replaces the built-in
+    prompts (required for ``manifest``); ``limit`` keeps the first N pairs in file-name order."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if benchmark == "manifest":
+        if not classes:
+            raise ValueError("benchmark 'manifest' needs --classes FILE (one class name per line, line i = id i-1)")
+        evaluation_set = _manifest_set(data, classes)
+    else:
+        evaluation_set = _layout_set(LAYOUTS[benchmark], data, classes)
+    if limit is not None:
+        evaluation_set = _replace_pairs(evaluation_set, evaluation_set.pairs[:limit])
+    return evaluation_set
+
+
+def _replace_pairs(evaluation_set: EvaluationSet, pairs: list[tuple[str, str]]) -> EvaluationSet:
+    return EvaluationSet(
+        evaluation_set.benchmark,
+        evaluation_set.root,
+        pairs,
+        evaluation_set.vocabulary,
+        evaluation_set.class_names,
+        evaluation_set.label_encoding,
+        evaluation_set.background_from,
+    )
+
+
+def _layout_set(layout: BenchmarkLayout, data: str, classes: str | None) -> EvaluationSet:
+    root, folder = _find_root(layout, data)
+    label_dir = storage.join(root, folder.path)
+    image_dir = storage.join(root, layout.image_dir)
+    labels = storage.list_files(label_dir, (folder.suffix,))
+    if not labels:
+        raise FileNotFoundError(f"{layout.name}: {label_dir} holds no {folder.suffix} label files")
+    try:
+        images = storage.list_files(image_dir, (layout.image_suffix,))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{layout.name}: image folder {image_dir} not found") from err
+    image_by_stem = {_stem(uri): uri for uri in images}
+    missing = [uri for uri in labels if _stem(uri) not in image_by_stem]
+    if missing:
+        raise FileNotFoundError(
+            f"{layout.name}: {len(missing)} of {len(labels)} labels in {label_dir} have no {layout.image_suffix} "
+            f"image in {image_dir} (e.g. {[_stem(u) for u in missing[:3]]})"
+        )
+    pairs = [(image_by_stem[_stem(uri)], uri) for uri in labels]
+
+    builtin = builtin_class_names(layout.name)
+    vocabulary = read_class_file(classes) if classes else builtin
+    if layout.background_from is not None:
+        if len(vocabulary) <= layout.background_from:
+            raise ValueError(
+                f"{layout.name}: the vocabulary needs the {layout.background_from} object classes followed by "
+                f"background prompts; {classes} has {len(vocabulary)} names"
+            )
+        class_names = [*vocabulary[: layout.background_from], VOC_BACKGROUND]
+    else:
+        if len(vocabulary) != len(builtin):
+            raise ValueError(
+                f"{layout.name} has {len(builtin)} classes but {classes} lists {len(vocabulary)} names; "
+                "the names must be given in label-id order"
+            )
+        class_names = vocabulary
+    return EvaluationSet(layout.name, root, pairs, vocabulary, class_names, folder.encoding, layout.background_from)
+
+
+def _find_root(layout: BenchmarkLayout, data: str) -> tuple[str, LabelFolder]:
+    """The benchmark's root under ``data`` (``data`` itself or a root_names suffix of it) and its label folder."""
+    data = data.rstrip("/")
+    candidates = [data] + [storage.join(data, *layout.root_names[i:]) for i in range(len(layout.root_names))]
+    looked = []
+    for root in dict.fromkeys(candidates):  # unique, in order
+        for folder in layout.label_folders:
+            label_dir = storage.join(root, folder.path)
+            if storage.exists(label_dir):
+                return root, folder
+            looked.append(label_dir)
+    expected = posixpath.join(*layout.root_names, layout.label_folders[0].path)
+    raise FileNotFoundError(
+        f"{layout.title}: no labels under {data} (expected {expected}/*{layout.label_folders[0].suffix}; looked "
+        f"in {', '.join(looked)}). Create them with CAT-Seg's datasets/{layout.prepare_script}"
+    )
+
+
+def _manifest_set(manifest_uri: str, classes_uri: str) -> EvaluationSet:
+    # The training reader knows the manifest format (Parquet/CSV, relative URIs, split column): reuse it.
+    from pipelines.datasets import manifest_dataset
+
+    dataset = manifest_dataset(manifest_uri, classes_uri)
+    if not dataset.pairs:
+        raise ValueError(f"manifest {manifest_uri} lists no (image_uri, label_uri) rows")
+    names = list(dataset.class_names)
+    return EvaluationSet("manifest", manifest_uri, list(dataset.pairs), names, names, CLASS_IDS_255, None)
+
+
+def _stem(uri: str) -> str:
+    return posixpath.splitext(posixpath.basename(uri))[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels
+
+
+def decode_label(data: bytes, encoding: LabelEncoding) -> np.ndarray:
+    """Label file bytes (8/16/32-bit single-channel PNG or TIFF) -> H x W uint16 class ids, IGNORE_ID = ignored.
+
+    A stored value that is not ignored but gives no valid id after the offset (negative, or too large for uint16)
+    becomes ``IGNORE_ID - 1``, an id no benchmark has, so that :func:`check_label_ids` refuses it.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+            raise ValueError(f"labels must be single-channel class ids, got a {image.mode} image")
+        stored = np.asarray(image).astype(np.int64)
+    if stored.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {stored.shape}")
+    ids = stored + encoding.offset
+    ignored = np.isin(stored, encoding.ignore_values)
+    ids = np.where((ids < 0) | (ids >= IGNORE_ID), IGNORE_ID - 1, ids)
+    return np.where(ignored, IGNORE_ID, ids).astype(np.uint16)
+
+
+def check_label_ids(label: np.ndarray, num_classes: int, uri: str) -> None:
+    """Raise :class:`LabelIdError` if ``label`` holds ids outside 0..num_classes-1 other than IGNORE_ID."""
+    ids = np.unique(label)
+    bad = ids[(ids >= num_classes) & (ids != IGNORE_ID)]
+    if bad.size:
+        raise LabelIdError(
+            f"label {uri} holds class id(s) {bad.tolist()[:5]} but the benchmark has {num_classes} classes "
+            f"(ids 0..{num_classes - 1}): wrong --benchmark, wrong --classes file, or labels not converted by the "
+            "CAT-Seg prepare script"
+        )
+
+
+def map_background(predictions: np.ndarray, background_from: int | None) -> np.ndarray:
+    """VOC-20b: every background prompt (id >= background_from) predicts the one background class."""
+    if background_from is None:
+        return predictions
+    return np.minimum(predictions, background_from)

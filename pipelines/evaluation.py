@@ -1,0 +1,590 @@
+"""Paper-protocol evaluation (mIoU) as a Ray Data pipeline.
+
+    (image_uri, label_uri) rows
+      -> read_pairs          CPU tasks: fetch both files, decode the image (RGB) and the label (class ids)
+      -> ConfusionStage      actor pool, num_gpus per actor: the model predicts a label map per image with the
+                             sliding-window protocol; the worker turns (label, prediction) into a confusion matrix
+      -> driver              sums the per-image matrices while they stream in (memory independent of the
+                             dataset size: no prediction ever reaches the driver), then computes the metrics
+
+The model stage is injectable: :func:`evaluate` takes a ``predictor_factory``, called once per actor, that
+returns a :data:`LabelPredictor` (images, class names -> label maps). :class:`CatSegPredictorFactory` is the real
+one; tests pass an oracle. A corrupt image or label becomes a counted error row; a label id outside the class
+list stops the run with :class:`pipelines.benchmarks.LabelIdError` (the benchmark or class file is wrong).
+
+Metric (detectron2 ``SemSegEvaluator`` as CAT-Seg runs it: detectron2 main since commit f3c1bc19, 2022-07-06),
+over the confusion matrix C summed over all images, C[g, p] = pixels of ground-truth class g predicted as p,
+ignored pixels left out:
+    TP_k = C[k, k]; GT_k = sum_p C[k, p]; PRED_k = sum_g C[g, k]; IoU_k = TP_k / (GT_k + PRED_k - TP_k)
+    mIoU = mean of IoU_k over the classes with GT_k > 0 (``iou_valid = acc_valid & (union > 0)``): a class that
+           never occurs in the ground truth is left out of the mean and reported as null, even when it was
+           predicted (its false positives still lower the IoU of the classes whose pixels it took).
+    pixel accuracy = sum_k TP_k / sum_k GT_k; mean accuracy = mean of TP_k / GT_k over GT_k > 0;
+    fwIoU = sum_k IoU_k * GT_k / sum GT over GT_k > 0.
+detectron2 v0.6 (and the unused copy in CAT-Seg's plain_train_net.py) divided by the number of classes with
+GT_k + PRED_k > 0 instead, i.e. counted a predicted-but-absent class as IoU 0; the numbers differ only when such
+classes exist. :func:`compute_metrics` implements the main-branch definition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines import storage
+from pipelines.benchmarks import (
+    IGNORE_ID,
+    EvaluationSet,
+    LabelEncoding,
+    LabelIdError,
+    check_label_ids,
+    decode_label,
+    map_background,
+)
+from pipelines.images import decode_image
+
+logger = logging.getLogger(__name__)
+
+READ_CPUS = 0.25  # fetching and decoding is mostly waiting on storage: several read tasks share a core
+READ_THREADS = 8  # concurrent object-store GETs per read task
+
+LabelPredictor = Callable[[list[np.ndarray], list[str]], list[np.ndarray]]
+"""(images H x W x 3 uint8, class names) -> one H x W integer label map per image (ids index the names)."""
+PredictorFactory = Callable[[], LabelPredictor]
+"""Called once per model actor, on the worker: loads the model and returns its :data:`LabelPredictor`."""
+
+PAIR_SCHEMA = pa.schema([("image_uri", pa.string()), ("label_uri", pa.string())])
+READ_SCHEMA = pa.schema(
+    [
+        *PAIR_SCHEMA,
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
+        pa.field("label", pa.large_binary()),  # H x W uint16 class ids, IGNORE_ID = ignored
+        pa.field("error", pa.string()),
+        pa.field("fatal", pa.bool_()),  # the error is the configuration's, not the file's: stop the run
+    ]
+)
+RESULT_SCHEMA = pa.schema(
+    [
+        *PAIR_SCHEMA,
+        pa.field("labelled_pixels", pa.int64()),  # pixels that count (not ignored)
+        pa.field("confusion", pa.large_binary()),  # sparse per-image confusion, see encode_sparse_confusion
+        pa.field("error", pa.string()),
+        pa.field("fatal", pa.bool_()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The metric
+
+
+def confusion_matrix(label: np.ndarray, prediction: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K int64 counts, rows = ground truth, columns = prediction; pixels labelled IGNORE_ID are left out.
+
+    Raises ValueError when the shapes differ or the label/prediction holds ids outside 0..K-1.
+    """
+    if label.shape != prediction.shape:
+        raise ValueError(f"prediction is {prediction.shape} but the label is {label.shape}")
+    counted = label != IGNORE_ID
+    truth = label[counted].astype(np.int64)
+    predicted = prediction[counted].astype(np.int64)
+    for name, ids in (("label", truth), ("prediction", predicted)):
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise ValueError(f"{name} holds ids outside 0..{num_classes - 1}: {np.unique(ids).tolist()[:8]}")
+    counts = np.bincount(truth * num_classes + predicted, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def encode_sparse_confusion(confusion: np.ndarray) -> bytes:
+    """The non-zero cells of a confusion matrix as int64 (flat indices, then counts): a few hundred bytes per
+    image instead of K x K x 8 (5.7 MB for ADE-847)."""
+    flat = confusion.reshape(-1)
+    index = np.flatnonzero(flat)
+    return np.concatenate([index, flat[index]]).astype(np.int64).tobytes()
+
+
+def add_sparse_confusion(total: np.ndarray, encoded: bytes) -> None:
+    """Add an :func:`encode_sparse_confusion` payload into ``total`` (K x K int64) in place."""
+    values = np.frombuffer(encoded, dtype=np.int64)
+    index, counts = np.split(values, 2)
+    np.add.at(total.reshape(-1), index, counts)
+
+
+@dataclass(frozen=True)
+class SegmentationMetrics:
+    """Metrics of a summed confusion matrix (see the module docstring); per-class arrays hold NaN where a class
+    has no ground-truth pixels."""
+
+    miou: float
+    pixel_accuracy: float
+    mean_accuracy: float
+    fw_iou: float
+    iou: np.ndarray  # K
+    accuracy: np.ndarray  # K
+    gt_pixels: np.ndarray  # K, int64
+    predicted_pixels: np.ndarray  # K, int64
+
+    @property
+    def classes_in_mean(self) -> int:
+        return int(np.count_nonzero(self.gt_pixels > 0))
+
+
+def compute_metrics(confusion: np.ndarray) -> SegmentationMetrics:
+    """mIoU, pixel accuracy, mean accuracy and fwIoU as detectron2's SemSegEvaluator (main) computes them.
+
+    With no labelled pixel at all every mean is NaN.
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"a confusion matrix is K x K, got shape {confusion.shape}")
+    true_positive = np.diag(confusion).astype(np.float64)
+    gt_pixels = confusion.sum(axis=1)
+    predicted_pixels = confusion.sum(axis=0)
+    union = gt_pixels + predicted_pixels - true_positive
+    valid = gt_pixels > 0  # detectron2: acc_valid; iou_valid = acc_valid & (union > 0) is the same set
+    iou = np.full(len(confusion), np.nan)
+    accuracy = np.full(len(confusion), np.nan)
+    iou[valid] = true_positive[valid] / union[valid]
+    accuracy[valid] = true_positive[valid] / gt_pixels[valid]
+    total = gt_pixels.sum()
+    if not valid.any():
+        return SegmentationMetrics(math.nan, math.nan, math.nan, math.nan, iou, accuracy, gt_pixels, predicted_pixels)
+    return SegmentationMetrics(
+        miou=float(iou[valid].mean()),
+        pixel_accuracy=float(true_positive.sum() / total),
+        mean_accuracy=float(accuracy[valid].mean()),
+        fw_iou=float((iou[valid] * gt_pixels[valid]).sum() / total),
+        iou=iou,
+        accuracy=accuracy,
+        gt_pixels=gt_pixels,
+        predicted_pixels=predicted_pixels,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model stage
+
+
+class CatSegPredictorFactory:
+    """The real model stage: loads a CAT-Seg checkpoint on the actor and predicts with the paper's protocol
+    (:meth:`catseg.Predictor.predict_labels_batch`: 640 x 640 resize, 4 crops + global view, original size).
+
+    The device is CUDA when the actor got a GPU torch can use, otherwise the CPU (e.g. a fake GPU resource).
+    """
+
+    def __init__(self, model_uri: str, cpu_threads: int | None = None, class_chunk: int = 64) -> None:
+        self.model_uri = model_uri
+        self.cpu_threads = cpu_threads
+        self.class_chunk = class_chunk
+
+    def __call__(self) -> LabelPredictor:
+        import torch
+
+        import catseg
+        from pipelines.labelling import load_model_source
+
+        if self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+        predictor = catseg.Predictor(load_model_source(self.model_uri), class_chunk=self.class_chunk)
+
+        def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:
+            return [labels for labels, _ in predictor.predict_labels_batch(images, class_names)]
+
+        return predict
+
+
+class ConfusionStage:
+    """Actor: predicts each decoded image once and returns its confusion matrix against the label."""
+
+    def __init__(
+        self,
+        predictor_factory: PredictorFactory,
+        vocabulary: Sequence[str],
+        num_classes: int,
+        background_from: int | None = None,
+    ) -> None:
+        self.predict = predictor_factory()
+        self.vocabulary = list(vocabulary)
+        self.num_classes = num_classes
+        self.background_from = background_from
+
+    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray | BaseException]:
+        if not images:
+            return []
+        try:
+            predictions = list(self.predict(images, self.vocabulary))
+            if len(predictions) != len(images):
+                raise RuntimeError(f"the predictor returned {len(predictions)} label maps for {len(images)} images")
+            return predictions
+        except Exception:
+            # one image broke the batch (or memory ran out): retry one by one so only the culprit fails
+            results: list[np.ndarray | BaseException] = []
+            for image in images:
+                try:
+                    results.append(self.predict([image], self.vocabulary)[0])
+                except Exception as err:
+                    results.append(err)
+            return results
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
+        errors, fatal = batch["error"].to_pylist(), batch["fatal"].to_pylist()
+        todo = [i for i, error in enumerate(errors) if error is None]
+        pixels, labels = batch["pixels"], batch["label"]
+        images = [np.frombuffer(pixels[i].as_py(), np.uint8).reshape(heights[i], widths[i], 3) for i in todo]
+        counted: list[int | None] = [None] * len(errors)
+        confusion: list[bytes | None] = [None] * len(errors)
+        for i, prediction in zip(todo, self._predict(images), strict=True):
+            if isinstance(prediction, BaseException):
+                errors[i] = _describe_error("model", prediction)
+                continue
+            label = np.frombuffer(labels[i].as_py(), np.uint16).reshape(heights[i], widths[i])
+            try:
+                prediction = np.asarray(prediction)
+                if prediction.size and (prediction.min() < 0 or prediction.max() >= len(self.vocabulary)):
+                    raise ValueError(f"prediction ids outside the {len(self.vocabulary)}-name vocabulary")
+                matrix = confusion_matrix(label, map_background(prediction, self.background_from), self.num_classes)
+            except ValueError as err:
+                errors[i] = _describe_error("metric", err)
+                continue
+            counted[i] = int(matrix.sum())
+            confusion[i] = encode_sparse_confusion(matrix)
+        return pa.table(
+            {
+                "image_uri": batch["image_uri"],
+                "label_uri": batch["label_uri"],
+                "labelled_pixels": pa.array(counted, pa.int64()),
+                "confusion": pa.array(confusion, pa.large_binary()),
+                "error": pa.array(errors, pa.string()),
+                "fatal": pa.array(fatal, pa.bool_()),
+            },
+            schema=RESULT_SCHEMA,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Read stage
+
+
+def _describe_error(stage: str, err: BaseException) -> str:
+    return f"{stage}: {type(err).__name__}: {err}".replace("\n", " ")[:1000]
+
+
+def read_pair(
+    image_uri: str, label_uri: str, encoding: LabelEncoding, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fetch and decode one pair: (H x W x 3 uint8 image, H x W uint16 label). Raises LabelIdError for label ids
+    beyond the class list, other exceptions for unreadable files."""
+    image = decode_image(storage.read_bytes(image_uri))
+    label = decode_label(storage.read_bytes(label_uri), encoding)
+    if label.shape != image.shape[:2]:
+        raise ValueError(
+            f"label is {label.shape[1]}x{label.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}"
+        )
+    check_label_ids(label, num_classes, label_uri)
+    return image, label
+
+
+def read_pairs(
+    batch: pa.Table, encoding: LabelEncoding, num_classes: int, read_threads: int = READ_THREADS
+) -> pa.Table:
+    """Ray Data UDF: rows of URIs -> decoded pixels and labels; a bad file becomes an error row."""
+
+    def load(pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray] | BaseException:
+        try:
+            return read_pair(pair[0], pair[1], encoding, num_classes)
+        except Exception as err:  # each storage backend and decoder raises its own types; the row says why
+            return err
+
+    pairs = list(zip(batch["image_uri"].to_pylist(), batch["label_uri"].to_pylist(), strict=True))
+    with ThreadPoolExecutor(max(1, min(read_threads, len(pairs)))) as pool:
+        loaded = list(pool.map(load, pairs))
+    columns: dict[str, list[Any]] = {k: [] for k in ("width", "height", "pixels", "label", "error", "fatal")}
+    for result in loaded:
+        ok = not isinstance(result, BaseException)
+        columns["width"].append(result[0].shape[1] if ok else None)
+        columns["height"].append(result[0].shape[0] if ok else None)
+        columns["pixels"].append(result[0].tobytes() if ok else None)
+        columns["label"].append(result[1].tobytes() if ok else None)
+        fatal = isinstance(result, LabelIdError)
+        columns["error"].append(None if ok else str(result) if fatal else _describe_error("read", result))
+        columns["fatal"].append(fatal)
+    return pa.table(
+        {
+            "image_uri": batch["image_uri"],
+            "label_uri": batch["label_uri"],
+            "width": pa.array(columns["width"], pa.int32()),
+            "height": pa.array(columns["height"], pa.int32()),
+            "pixels": pa.array(columns["pixels"], pa.large_binary()),
+            "label": pa.array(columns["label"], pa.large_binary()),
+            "error": pa.array(columns["error"], pa.string()),
+            "fatal": pa.array(columns["fatal"], pa.bool_()),
+        },
+        schema=READ_SCHEMA,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    batch_size: int = 2  # images per model call (and per block: small blocks keep every stage streaming)
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_actors: int | None = None  # None: one per GPU share, or 1 without GPUs
+    cpus_per_actor: float = 1.0
+    read_threads: int = READ_THREADS
+    max_listed_errors: int = 100  # errors listed in the report (all are counted)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise ValueError(f"GPUs per actor must be >= 0, got {self.num_gpus_per_actor}")
+        if self.max_actors is not None and self.max_actors < 1:
+            raise ValueError(f"max actors must be at least 1, got {self.max_actors}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"CPUs per actor must be > 0, got {self.cpus_per_actor}")
+
+    def actor_resources(self) -> tuple[float, int]:
+        """(GPUs per actor, max actors) for the connected cluster."""
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        num_gpus = self.num_gpus_per_actor if self.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if self.max_actors is not None:
+            return num_gpus, self.max_actors
+        return num_gpus, max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1
+
+
+def build_evaluation_dataset(
+    evaluation_set: EvaluationSet, predictor_factory: PredictorFactory, config: EvaluationConfig
+) -> ray.data.Dataset:
+    """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA)."""
+    num_gpus, max_actors = config.actor_resources()
+    pairs = evaluation_set.pairs
+    step = config.batch_size
+    blocks = [
+        pa.table({"image_uri": [p[0] for p in pairs[i : i + step]], "label_uri": [p[1] for p in pairs[i : i + step]]})
+        for i in range(0, len(pairs), step)
+    ]
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            read_pairs,
+            fn_kwargs={
+                "encoding": evaluation_set.label_encoding,
+                "num_classes": evaluation_set.num_classes,
+                "read_threads": config.read_threads,
+            },
+            batch_format="pyarrow",
+            batch_size=step,
+            num_cpus=READ_CPUS,
+        )
+        .map_batches(
+            ConfusionStage,
+            fn_constructor_kwargs={
+                "predictor_factory": predictor_factory,
+                "vocabulary": evaluation_set.vocabulary,
+                "num_classes": evaluation_set.num_classes,
+                "background_from": evaluation_set.background_from,
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+            num_gpus=num_gpus,
+            num_cpus=config.cpus_per_actor,
+            batch_size=step,
+            batch_format="pyarrow",
+        )
+    )
+
+
+@dataclass
+class EvaluationResult:
+    benchmark: str
+    model: str
+    data: str
+    class_names: list[str]
+    confusion: np.ndarray
+    metrics: SegmentationMetrics
+    images_total: int
+    images_evaluated: int
+    labelled_pixels: int
+    errors: list[dict[str, str]] = field(default_factory=list)  # the first max_listed_errors
+    images_failed: int = 0
+    seconds: float = 0.0
+
+    def to_report(self) -> dict[str, Any]:
+        """The JSON report: headline numbers as fractions (0..1), per-class rows, image accounting."""
+        m = self.metrics
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "data": self.data,
+            "miou": _number(m.miou),
+            "pixel_accuracy": _number(m.pixel_accuracy),
+            "mean_accuracy": _number(m.mean_accuracy),
+            "fw_iou": _number(m.fw_iou),
+            "num_classes": len(self.class_names),
+            "classes_in_mean": m.classes_in_mean,
+            "image_count": self.images_evaluated,
+            "images": {"total": self.images_total, "evaluated": self.images_evaluated, "failed": self.images_failed},
+            "labelled_pixels": self.labelled_pixels,
+            "per_class": [
+                {
+                    "id": k,
+                    "name": name,
+                    "iou": _number(m.iou[k]),
+                    "accuracy": _number(m.accuracy[k]),
+                    "gt_pixels": int(m.gt_pixels[k]),
+                    "predicted_pixels": int(m.predicted_pixels[k]),
+                }
+                for k, name in enumerate(self.class_names)
+            ],
+            "errors": self.errors,
+            "metric": "detectron2 SemSegEvaluator (main): IoU_k = TP/(TP+FP+FN) over the summed confusion matrix, "
+            "ignored pixels excluded; mIoU averages the classes with ground-truth pixels",
+            "seconds": round(self.seconds, 3),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def accumulate(
+    rows: Iterable[pa.Table], num_classes: int, max_listed_errors: int = 100
+) -> tuple[np.ndarray, int, int, int, list[dict[str, str]]]:
+    """Sum streamed result batches: (confusion, images evaluated, images failed, labelled pixels, listed errors).
+
+    Raises LabelIdError on the first row whose label ids do not fit the class list."""
+    total = np.zeros((num_classes, num_classes), dtype=np.int64)
+    evaluated = failed = pixels = 0
+    errors: list[dict[str, str]] = []
+    for batch in rows:
+        columns = batch.select(["image_uri", "labelled_pixels", "confusion", "error", "fatal"]).to_pydict()
+        for uri, counted, encoded, error, fatal in zip(*columns.values(), strict=True):
+            if fatal:
+                raise LabelIdError(error)
+            if error is not None:
+                failed += 1
+                if len(errors) < max_listed_errors:
+                    errors.append({"image_uri": uri, "error": error})
+                continue
+            add_sparse_confusion(total, encoded)
+            evaluated += 1
+            pixels += counted
+    return total, evaluated, failed, pixels, errors
+
+
+def evaluate(
+    evaluation_set: EvaluationSet,
+    predictor_factory: PredictorFactory,
+    config: EvaluationConfig | None = None,
+    model_id: str = "custom",
+) -> EvaluationResult:
+    """Run the evaluation on the connected Ray cluster (a local one is started if none is) and return the result.
+
+    ``predictor_factory`` builds the model stage on each actor: :class:`CatSegPredictorFactory` for a checkpoint,
+    or any picklable callable returning a :data:`LabelPredictor`.
+    """
+    config = config or EvaluationConfig()
+    if not evaluation_set.pairs:
+        raise ValueError(f"{evaluation_set.benchmark}: no images to evaluate")
+    _check_first_label(evaluation_set)
+    if not ray.is_initialized():
+        ray.init()
+    started = time.perf_counter()
+    dataset = build_evaluation_dataset(evaluation_set, predictor_factory, config)
+    confusion, evaluated, failed, pixels, errors = accumulate(
+        dataset.iter_batches(batch_format="pyarrow", batch_size=None),
+        evaluation_set.num_classes,
+        config.max_listed_errors,
+    )
+    return EvaluationResult(
+        benchmark=evaluation_set.benchmark,
+        model=model_id,
+        data=evaluation_set.root,
+        class_names=list(evaluation_set.class_names),
+        confusion=confusion,
+        metrics=compute_metrics(confusion),
+        images_total=len(evaluation_set.pairs),
+        images_evaluated=evaluated,
+        labelled_pixels=pixels,
+        errors=errors,
+        images_failed=failed,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_first_label(evaluation_set: EvaluationSet) -> None:
+    """Fail in a second, not after the model loaded, when the labels do not match the class list."""
+    uri = evaluation_set.pairs[0][1]
+    try:
+        label = decode_label(storage.read_bytes(uri), evaluation_set.label_encoding)
+    except Exception as err:  # an unreadable first file is counted later like any other
+        logger.warning("cannot pre-check %s: %s", uri, err)
+        return
+    check_label_ids(label, evaluation_set.num_classes, uri)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def report_uri(output: str, benchmark: str) -> str:
+    """``output`` itself if it names a .json file, else ``output/evaluation_<benchmark>.json``."""
+    return output if output.endswith(".json") else storage.join(output, f"evaluation_{benchmark}.json")
+
+
+def write_report(result: EvaluationResult, output: str) -> str:
+    """Write the JSON report (and the summed confusion matrix as .npy beside it); return the report's URI."""
+    import io
+
+    uri = report_uri(output, result.benchmark)
+    storage.write_text(uri, json.dumps(result.to_report(), indent=2) + "\n")
+    buffer = io.BytesIO()
+    np.save(buffer, result.confusion)
+    storage.write_bytes(uri.removesuffix(".json") + "_confusion.npy", buffer.getvalue())
+    return uri
+
+
+def format_table(result: EvaluationResult) -> str:
+    """Per-class IoU / accuracy in percent and pixel counts; '-' marks classes without ground truth."""
+    m = result.metrics
+    width = min(40, max(len(name) for name in result.class_names))
+
+    def percent(value: float) -> str:
+        return "     -" if math.isnan(value) else f"{100 * value:6.2f}"
+
+    lines = [f"{'id':>4}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}  {'GT px':>12}  {'pred px':>12}"]
+    for k, name in enumerate(result.class_names):
+        lines.append(
+            f"{k:>4}  {name[:width]:<{width}}  {percent(m.iou[k])}  {percent(m.accuracy[k])}  "
+            f"{int(m.gt_pixels[k]):>12}  {int(m.predicted_pixels[k]):>12}"
+        )
+    return "\n".join(lines)
+
+
+def headline(result: EvaluationResult) -> str:
+    """One line: benchmark, mIoU and pixel accuracy in percent, image accounting, model."""
+    m = result.metrics
+    miou = "n/a" if math.isnan(m.miou) else f"{100 * m.miou:.2f}"
+    pacc = "n/a" if math.isnan(m.pixel_accuracy) else f"{100 * m.pixel_accuracy:.2f}"
+    return (
+        f"{result.benchmark}: mIoU {miou} (over {m.classes_in_mean}/{len(result.class_names)} classes), "
+        f"pixel accuracy {pacc}, {result.images_evaluated}/{result.images_total} images "
+        f"({result.images_failed} failed), model {result.model}"
+    )
