@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 # Before anything imports open_clip / huggingface_hub / ray: no downloads, no telemetry, no token auth.
@@ -65,7 +66,9 @@ def s3_bucket(s3_endpoint, request):
     """A fresh, empty bucket per test; yields its name."""
     import boto3
 
-    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 1000}"
+    # bucket names allow only [a-z0-9-]: parametrized test names carry brackets and commas
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"test-{stem}-{os.getpid() % 1000}"
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=name)
     yield name
