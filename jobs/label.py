@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vocab = parser.add_mutually_exclusive_group(required=True)
     vocab.add_argument("--vocab", help='comma-separated class names, e.g. "cat,dog,sky"')
     vocab.add_argument("--vocab-file", help="text (one class per line) or JSON file, local or any fsspec URI")
-    vocab.add_argument("--vocab-preset", help="built-in vocabulary: voc20, pc59, ade150, cocostuff171")
+    vocab.add_argument("--vocab-preset", help="built-in: voc20, voc20b, pc59, pc459, ade150, ade847, cocostuff171")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="registered model name with released weights (needs internet once)")
     model.add_argument("--checkpoint", help="checkpoint directory (catseg.save_model) or official .pth URI")
