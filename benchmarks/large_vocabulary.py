@@ -1,0 +1,78 @@
+"""Peak memory of one Predictor image against vocabulary size, with and without class chunking.
+
+Each measurement runs in a fresh process (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), so the
+numbers do not contaminate each other. Random weights are fine: memory does not depend on them.
+
+    python benchmarks/large_vocabulary.py --model vit_b16 --chunked 256 1024 4096 --unchunked 256 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+MEASURE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import numpy as np, torch, catseg
+    name, classes, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    model = catseg.build_model(name)
+    # chunk 0 = unchunked: every class through the per-class parts (and the stitching) at once
+    predictor = catseg.Predictor(model, truncate=False, class_chunk=chunk or classes)
+    photo = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    names = [f"class {i}" for i in range(classes)]
+    predictor.embed_classes(names)
+    cuda = predictor.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    predictor.predict_labels(photo, names)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"peak_mib": peak, "seconds": seconds, "device": str(predictor.device)}))
+    """
+)
+
+
+def measure(model: str, classes: int, chunk: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, model, str(classes), str(chunk)], capture_output=True, text=True, env=env
+    )
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_b16")
+    parser.add_argument("--chunk", type=int, default=32, help="classes per chunk in the chunked runs")
+    parser.add_argument("--chunked", type=int, nargs="*", default=[256, 1024, 4096])
+    parser.add_argument("--unchunked", type=int, nargs="*", default=[256, 1024])
+    args = parser.parse_args()
+    runs = [(t, args.chunk) for t in args.chunked] + [(t, 0) for t in args.unchunked]
+    results = {}
+    for classes, chunk in runs:
+        results[(classes, chunk)] = stats = measure(args.model, classes, chunk)
+        label = f"chunk {chunk}" if chunk else "unchunked"
+        if "error" in stats:
+            print(f"T={classes:5d} {label:10s} failed: {stats['error']}")
+        else:
+            peak, seconds = stats["peak_mib"], stats["seconds"]
+            print(f"T={classes:5d} {label:10s} peak {peak:9.0f} MiB  {seconds:7.1f} s  {stats['device']}")
+    base = results.get((256, args.chunk), {})
+    largest = results.get((max(args.chunked), args.chunk), {}) if args.chunked else {}
+    if "peak_mib" in base and "peak_mib" in largest:
+        ratio = largest["peak_mib"] / base["peak_mib"]
+        print(f"peak(T={max(args.chunked)}, chunked) / peak(T=256, chunked) = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
