@@ -31,7 +31,7 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    saved = {k: os.environ.get(k) for k in S3_ENV_VARIABLES}
     os.environ.update(
         {
             "AWS_ENDPOINT_URL": endpoint,
@@ -51,7 +51,7 @@ def s3_endpoint():
             os.environ[key] = value
 
 
-_S3_ENV = (
+S3_ENV_VARIABLES = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_ACCESS_KEY_ID",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from conftest import S3_ENV_VARIABLES  # the variables the s3_endpoint fixture sets
 from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
@@ -30,14 +31,6 @@ from pipelines.output import open_labels, read_manifest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the head runs from this venv, so job drivers find its packages
 RAY = str(VENV_BIN / "ray")
-S3_VARIABLES = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
 SUBMIT_TIMEOUT_S = 300
 
 
@@ -59,7 +52,7 @@ def _cluster_env() -> dict[str, str]:
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint is the venv's
         }
     )
-    missing = [k for k in S3_VARIABLES if k not in env]
+    missing = [k for k in S3_ENV_VARIABLES if k not in env]
     assert not missing, f"the s3_endpoint fixture should have set {missing}"
     return env
 
