@@ -62,6 +62,8 @@ RELEASED_WEIGHTS = {
 }
 # Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
+# catseg.predictor.PRECISIONS by name: this module must import without torch (read and decode workers)
+PRECISIONS = ("float32", "bfloat16", "float16")
 READ_THREADS = 16  # concurrent object-store GETs per read task
 
 SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string())])
@@ -217,14 +219,16 @@ class SegmentationModel:
     The device is CUDA when the actor was given a GPU that torch can use, else CPU (e.g. a fake GPU resource).
     """
 
-    def __init__(self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None) -> None:
+    def __init__(
+        self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None, precision: str = "float32"
+    ) -> None:
         import torch
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.class_names = list(class_names)
         self.mask_dtype = mask_dtype(len(self.class_names))
-        self.predictor = _catseg().Predictor(load_model_source(model_uri))
+        self.predictor = _catseg().Predictor(load_model_source(model_uri), precision=precision)
         self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
 
     def device_info(self) -> dict[str, Any]:
@@ -360,6 +364,7 @@ class LabelConfig:
     confidence_threshold: float | None = None
     limit: int | None = None
     rows_per_file: int = 256
+    precision: str = "float32"  # "bfloat16"/"float16": autocast in the model stage (GPUs with tensor cores)
 
     def __post_init__(self) -> None:
         if (self.input_uri is None) == (self.manifest_uri is None):
@@ -370,6 +375,8 @@ class LabelConfig:
             raise ValueError(f"confidence threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.limit is not None and self.limit < 0:
             raise ValueError("limit must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the content of the rows: a resumed run must match it (limit and resources may change)."""
@@ -381,6 +388,8 @@ class LabelConfig:
             "model_id": self.model.model_id,
             "confidence": self.confidence,
             "confidence_threshold": self.confidence_threshold,
+            # only when set, so that float32 run ids stay what they were before the option existed
+            **({"precision": self.precision} if self.precision != "float32" else {}),
         }
 
     def resolved_run_id(self) -> str:
@@ -495,6 +504,7 @@ def build_labelling_dataset(
                 "model_uri": config.model.uri,
                 "class_names": names,
                 "cpu_threads": max(1, math.ceil(resources.cpus_per_actor)),
+                "precision": config.precision,
             },
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.max_actors),
             num_gpus=resources.num_gpus_per_actor,

@@ -19,4 +19,4 @@ fi
 .venv/bin/ruff format --check .
 # No model hub at test time: fail fast instead of retrying downloads; no telemetry; no token auth on local Ray.
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
-exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"
+exec .venv/bin/python -m pytest -q -rfEs --durations=15 "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -27,6 +28,8 @@ def s3_endpoint():
     """A moto S3 server on 127.0.0.1; AWS_* variables point every client (boto3, s3fs, pyarrow) at it."""
     from moto.server import ThreadedMotoServer
 
+    # one INFO line per S3 request would bury a failing test's own output
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -40,3 +40,22 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
     code = label_cli.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_precision_is_checked_and_changes_the_run_id_only_when_set(tmp_path, tiny_checkpoint):
+    import catseg
+    from pipelines.labelling import PRECISIONS, LabelConfig
+    from pipelines.vocabulary import load_vocabulary
+
+    assert set(PRECISIONS) == set(catseg.predictor.PRECISIONS)
+    common = {
+        "output_uri": str(tmp_path / "out"),
+        "vocabulary": load_vocabulary("cat,dog"),
+        "model": resolve_model(checkpoint=tiny_checkpoint),
+        "input_uri": str(tmp_path),
+    }
+    default, explicit = LabelConfig(**common), LabelConfig(**common, precision="float32")
+    half = LabelConfig(**common, precision="bfloat16")
+    assert default.resolved_run_id() == explicit.resolved_run_id() != half.resolved_run_id()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LabelConfig(**common, precision="fp8")

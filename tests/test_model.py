@@ -221,3 +221,34 @@ def test_unknown_model_name_lists_the_known_ones():
 def test_pretrained_tag_offline_fails_fast_and_names_the_alternative():
     with pytest.raises(RuntimeError, match="--checkpoint"):
         catseg.build_model("tiny", clip_pretrained="openai")
+
+
+def test_window_attention_equals_plain_masked_softmax_attention():
+    from catseg.aggregator import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=32, guidance_dim=8, num_heads=4, resolution=12, window=6, shift=3).eval()
+    attention, heads = block.attn, block.attn.num_heads
+    windows = torch.randn(2, 3, 4, 36, 32)  # B x T x nW x L x D
+    guidance = torch.randn(2, 1, 4, 36, 8)  # per image, broadcast over classes
+    with torch.no_grad():
+        for mask in (None, block.attn_mask):
+            ours = attention(windows, guidance, mask)
+            with_guidance = torch.cat([windows, guidance.expand(-1, 3, -1, -1, -1)], dim=-1)
+            q, k = attention.q(with_guidance), attention.k(with_guidance)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-2, -3) for t in (q, k, attention.v(windows)))
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            if mask is not None:
+                scores = scores + mask.unsqueeze(1)
+            plain = attention.proj((scores.softmax(-1) @ v).transpose(-2, -3).flatten(-2))
+            assert torch.allclose(ours, plain, atol=1e-5), (mask is None, (ours - plain).abs().max())
+
+
+def test_split_guidance_convolution_equals_concatenation(tiny_model):
+    up = tiny_model.decoder.up1
+    x = torch.randn(6, up.up.in_channels, 5, 5)  # 2 images x 3 classes, image-major
+    guidance = torch.randn(2, up.up.in_channels - up.up.out_channels, 10, 10)
+    with torch.no_grad():
+        concatenated = up.conv(torch.cat([up.up(x), guidance.repeat_interleave(3, dim=0)], dim=1))
+        assert torch.allclose(up(x, guidance), concatenated, atol=1e-5)
+        assert torch.allclose(up(x.contiguous(memory_format=torch.channels_last), guidance), concatenated, atol=1e-5)

@@ -113,3 +113,19 @@ def test_device_defaults_to_cuda_only_when_present(tiny_model):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert predictor.device.type == expected
     assert next(predictor.model.parameters()).device.type == expected
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_stays_close_to_float32(predictor, tiny_model, photo, precision):
+    fast = catseg.Predictor(tiny_model, device="cpu", precision=precision)
+    exact, approximate = predictor.predict(photo, CLASSES), fast.predict(photo, CLASSES)
+    assert approximate.dtype == np.float32 and approximate.shape == exact.shape
+    difference = np.abs(approximate - exact)
+    assert 0 < difference.max() < 0.1, difference.max()  # it did run in reduced precision, and stayed close
+    agreement = (approximate.argmax(0) == exact.argmax(0)).mean()
+    assert agreement > 0.9, agreement
+
+
+def test_unknown_precision_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="bfloat16"):
+        catseg.Predictor(tiny_model, device="cpu", precision="int8")

@@ -121,7 +121,7 @@ def test_finetuning_learns_and_recovers_from_a_dead_worker(ray_cluster, s3_bucke
     ]
     assert [p["step"] for p in progress] == list(range(CHECKPOINT_EVERY, MAX_STEPS + 1, CHECKPOINT_EVERY))
     assert progress[-1]["loss"] < progress[0]["loss"]
-    assert result.metrics["val_miou"] > max(MIOU_THRESHOLD, baseline + 0.2), (baseline, result.metrics)
+    assert result.metrics["val_miou"] > max(MIOU_THRESHOLD, baseline + 0.2), (baseline, result.metrics, progress)
 
     # the final checkpoint loads with catseg.load_model; frozen CLIP weights are untouched, trainable ones moved
     final = catseg.load_model(f"{list_checkpoints(config.storage, 'learn')[-1][1]}/model")
