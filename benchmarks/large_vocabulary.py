@@ -19,19 +19,24 @@ MEASURE = textwrap.dedent(
     """
     import json, resource, sys, time
     import numpy as np, torch, catseg
-    name, classes, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    name, classes, chunk, forward_only = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     model = catseg.build_model(name)
     # chunk 0 = unchunked: every class through the per-class parts (and the stitching) at once
     predictor = catseg.Predictor(model, truncate=False, class_chunk=chunk or classes)
     photo = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    view = torch.rand(1, 3, model.config.input_size, model.config.input_size, device=predictor.device) * 255
     names = [f"class {i}" for i in range(classes)]
-    predictor.embed_classes(names)
+    text = predictor.embed_classes(names)
     cuda = predictor.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    predictor.predict_labels(photo, names)
+    if forward_only:  # one 384 x 384 view through the model: a fifth of the Predictor's work per image
+        with torch.inference_mode():
+            model(view, text, class_chunk=chunk or None, truncate=False)
+    else:
+        predictor.predict_labels(photo, names)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -40,11 +45,10 @@ MEASURE = textwrap.dedent(
 )
 
 
-def measure(model: str, classes: int, chunk: int) -> dict:
+def measure(model: str, classes: int, chunk: int, forward_only: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, model, str(classes), str(chunk)], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, "-c", MEASURE, model, str(classes), str(chunk), "1" if forward_only else "0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -56,11 +60,18 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=32, help="classes per chunk in the chunked runs")
     parser.add_argument("--chunked", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--unchunked", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="one 384x384 view through the model instead of a whole Predictor image (5 views; for slow CPUs)",
+    )
     args = parser.parse_args()
+    what = "one model forward (1 view)" if args.forward_only else "one Predictor image (5 views, 640x480)"
+    print(f"model {args.model}, {what}, peak memory above the loaded model")
     runs = [(t, args.chunk) for t in args.chunked] + [(t, 0) for t in args.unchunked]
     results = {}
     for classes, chunk in runs:
-        results[(classes, chunk)] = stats = measure(args.model, classes, chunk)
+        results[(classes, chunk)] = stats = measure(args.model, classes, chunk, args.forward_only)
         label = f"chunk {chunk}" if chunk else "unchunked"
         if "error" in stats:
             print(f"T={classes:5d} {label:10s} failed: {stats['error']}")

@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
     parser.add_argument("--max-actors", type=int, help="model actors at most (default: one per GPU, or 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="model arithmetic; evaluate twice to measure what bfloat16/float16 costs in mIoU (default: float32)",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     # No address: an embedded local Ray. RAY_ADDRESS (set by `ray job submit`) connects to the cluster instead.
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    factory = CatSegPredictorFactory(model.uri, cpu_threads=max(1, math.ceil(args.cpus_per_actor)))
+    factory = CatSegPredictorFactory(
+        model.uri, cpu_threads=max(1, math.ceil(args.cpus_per_actor)), precision=args.precision
+    )
     try:
         result = evaluate(evaluation_set, factory, config, model_id=model.model_id)
     except LabelIdError as err:

@@ -185,10 +185,13 @@ class CatSegPredictorFactory:
     The device is CUDA when the actor got a GPU torch can use, otherwise the CPU (e.g. a fake GPU resource).
     """
 
-    def __init__(self, model_uri: str, cpu_threads: int | None = None, class_chunk: int = 64) -> None:
+    def __init__(
+        self, model_uri: str, cpu_threads: int | None = None, class_chunk: int = 64, precision: str = "float32"
+    ) -> None:
         self.model_uri = model_uri
         self.cpu_threads = cpu_threads
         self.class_chunk = class_chunk
+        self.precision = precision
 
     def __call__(self) -> LabelPredictor:
         import torch
@@ -198,7 +201,9 @@ class CatSegPredictorFactory:
 
         if self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)
-        predictor = catseg.Predictor(load_model_source(self.model_uri), class_chunk=self.class_chunk)
+        predictor = catseg.Predictor(
+            load_model_source(self.model_uri), class_chunk=self.class_chunk, precision=self.precision
+        )
 
         def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:
             return [labels for labels, _ in predictor.predict_labels_batch(images, class_names)]

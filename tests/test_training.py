@@ -32,11 +32,13 @@ from pipelines.training import (
     run_finetuning,
 )
 
-# Synthetic task and budget: two classes, each a solid half of the image. The test's lr (1e-2) is 50x the
-# paper's 2e-4: the paper trains 80k steps from CLIP weights, this test a randomly initialized tiny model for 40.
-MAX_STEPS = 40
-CHECKPOINT_EVERY = 10
-TEST_LR = 1e-2
+# Synthetic task and budget: two classes, each a solid half of the image. The test's lr (5e-3) is 25x the
+# paper's 2e-4: the paper trains 80k steps from CLIP weights, this test a randomly initialized tiny model for 60.
+# Measured in a single-process replica of this loop: at lr 1e-2, about 1 start in 10 never leaves the constant
+# (loss ln 2) solution; at 2e-2, most; at 5e-3, none of 8, all ending at validation mIoU >= 0.87.
+MAX_STEPS = 60
+CHECKPOINT_EVERY = 20
+TEST_LR = 5e-3
 MIOU_THRESHOLD = 0.7  # the untrained model scores about 0.3 on this set
 
 
@@ -121,7 +123,11 @@ def test_finetuning_learns_and_recovers_from_a_dead_worker(ray_cluster, s3_bucke
     ]
     assert [p["step"] for p in progress] == list(range(CHECKPOINT_EVERY, MAX_STEPS + 1, CHECKPOINT_EVERY))
     assert progress[-1]["loss"] < progress[0]["loss"]
-    assert result.metrics["val_miou"] > max(MIOU_THRESHOLD, baseline + 0.2), (baseline, result.metrics, progress)
+    losses = {p["step"]: round(p["loss"], 3) for p in progress}
+    assert result.metrics["val_miou"] > max(MIOU_THRESHOLD, baseline + 0.2), (
+        f"validation mIoU {result.metrics['val_miou']:.3f} (untrained {baseline:.3f}); loss by step {losses}; "
+        f"resumed from step {result.metrics['resumed_from_step']}"
+    )
 
     # the final checkpoint loads with catseg.load_model; frozen CLIP weights are untouched, trainable ones moved
     final = catseg.load_model(f"{list_checkpoints(config.storage, 'learn')[-1][1]}/model")
