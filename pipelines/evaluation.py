@@ -52,6 +52,7 @@ from pipelines.benchmarks import (
     decode_label,
     map_background,
 )
+from pipelines.cpu_workers import cpu_worker_remote_args
 from pipelines.images import decode_image
 
 logger = logging.getLogger(__name__)
@@ -411,6 +412,7 @@ def build_evaluation_dataset(
             num_cpus=config.cpus_per_actor,
             batch_size=step,
             batch_format="pyarrow",
+            **cpu_worker_remote_args(num_gpus),
         )
     )
 

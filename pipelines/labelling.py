@@ -35,6 +35,7 @@ import pyarrow as pa
 import ray
 
 from . import storage
+from .cpu_workers import cpu_worker_remote_args
 from .images import ImageDecodeError, decode_image
 from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
@@ -511,6 +512,7 @@ def build_labelling_dataset(
             num_cpus=resources.cpus_per_actor,
             batch_size=config.batch_size,
             batch_format="pyarrow",
+            **cpu_worker_remote_args(resources.num_gpus_per_actor),
         )
         .map_batches(
             encode_predictions,
