@@ -33,7 +33,13 @@ def cpu_worker_env_vars(num_gpus: float) -> dict[str, str]:
     return {name: value for name, value in CPU_WORKER_MALLOC_ENV.items() if name not in os.environ}
 
 
-def cpu_worker_remote_args(num_gpus: float) -> dict[str, Any]:
-    """Extra Ray remote arguments (a runtime_env) for a model actor with ``num_gpus`` GPUs; {} when none apply."""
+def cpu_worker_runtime_env(num_gpus: float) -> dict[str, Any]:
+    """The runtime_env for a model worker with ``num_gpus`` GPUs (Ray Train's worker_runtime_env); {} if none."""
     env_vars = cpu_worker_env_vars(num_gpus)
-    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def cpu_worker_remote_args(num_gpus: float) -> dict[str, Any]:
+    """Extra Ray remote arguments for a model actor with ``num_gpus`` GPUs (Ray Data's map_batches); {} if none."""
+    runtime_env = cpu_worker_runtime_env(num_gpus)
+    return {"runtime_env": runtime_env} if runtime_env else {}

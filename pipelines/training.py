@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import catseg
 from catseg.finetune import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import storage
+from pipelines.cpu_workers import cpu_worker_runtime_env
 from pipelines.datasets import (
     LAYOUTS,
     SegmentationDataset,
@@ -222,6 +223,7 @@ def run_finetuning(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=callbacks,
+            worker_runtime_env=cpu_worker_runtime_env(1 if config.use_gpu else 0),
         ),
         datasets={"train": training_pipeline(train, config.crop_size)},
     )

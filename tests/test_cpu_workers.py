@@ -6,7 +6,12 @@ import sys
 
 import pytest
 
-from pipelines.cpu_workers import CPU_WORKER_MALLOC_ENV, cpu_worker_env_vars, cpu_worker_remote_args
+from pipelines.cpu_workers import (
+    CPU_WORKER_MALLOC_ENV,
+    cpu_worker_env_vars,
+    cpu_worker_remote_args,
+    cpu_worker_runtime_env,
+)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
 
@@ -63,7 +68,7 @@ def test_cpu_model_actor_reuses_freed_memory_in_its_worker_thread(ray_cluster):
 
 def test_gpu_workers_get_no_malloc_settings():
     assert cpu_worker_env_vars(1) == {} and cpu_worker_env_vars(0.5) == {}
-    assert cpu_worker_remote_args(1) == {}
+    assert cpu_worker_remote_args(1) == {} and cpu_worker_runtime_env(1) == {}
 
 
 @linux_only
@@ -72,4 +77,5 @@ def test_a_malloc_variable_the_driver_sets_is_left_to_it(monkeypatch):
     env_vars = cpu_worker_env_vars(0)
     assert "MALLOC_ARENA_MAX" not in env_vars
     assert env_vars == {k: v for k, v in CPU_WORKER_MALLOC_ENV.items() if k != "MALLOC_ARENA_MAX"}
+    assert cpu_worker_runtime_env(0) == {"env_vars": env_vars}
     assert cpu_worker_remote_args(0) == {"runtime_env": {"env_vars": env_vars}}
