@@ -17,6 +17,7 @@ import os
 import re
 import sys
 
+from jobs.options import add_model_actor_options
 from pipelines.benchmarks import BENCHMARKS
 
 STEP_DIR = re.compile(r"^step_(\d+)$")  # pipelines.training writes RUN/step_NNNNNNNN/model/
@@ -36,15 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", help="class names, one per line (required for manifest; else replaces prompts)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images (in file-name order)")
     parser.add_argument("--output", help="directory/prefix (or .json file) for the report")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per model call (default: 2)")
-    parser.add_argument("--num-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
-    parser.add_argument("--max-actors", type=int, help="model actors at most (default: one per GPU, or 1)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default: 1)")
-    parser.add_argument(
-        "--precision",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="model arithmetic; evaluate twice to measure what bfloat16/float16 costs in mIoU (default: float32)",
+    add_model_actor_options(
+        parser,
+        batch_size=2,
+        precision_help="model arithmetic; evaluate twice to measure what bfloat16/float16 costs in mIoU",
     )
     return parser.parse_args(argv)
 

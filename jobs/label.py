@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from jobs.options import add_model_actor_options
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n")[0])
@@ -29,10 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--checkpoint", help="checkpoint directory (catseg.save_model) or official .pth URI")
     parser.add_argument("--output", required=True, help="output URI (directory or prefix)")
     parser.add_argument("--run-id", help="run id (default: derived from input, vocabulary, model and options)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
-    parser.add_argument("--num-gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
-    parser.add_argument("--max-actors", type=int, help="model actors at most (default: one per GPU, or 1)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per model actor (default: 1)")
+    add_model_actor_options(
+        parser,
+        batch_size=4,
+        precision_help="model arithmetic: bfloat16/float16 autocast is faster on GPUs, slightly different",
+    )
     parser.add_argument("--confidence", action="store_true", help="also store per-pixel confidence PNGs")
     parser.add_argument(
         "--confidence-threshold",
@@ -41,12 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, help="label only the first N images of the listing")
     parser.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet file (default: 256)")
-    parser.add_argument(
-        "--precision",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="model arithmetic: bfloat16/float16 autocast is faster on GPUs, slightly different (default: float32)",
-    )
     return parser.parse_args(argv)
 
 

@@ -194,6 +194,10 @@ class CatSegPredictorFactory:
         self.class_chunk = class_chunk
         self.precision = precision
 
+    def settings(self) -> dict[str, Any]:
+        """What the report records about how the model ran (results differ slightly across precisions)."""
+        return {"precision": self.precision, "class_chunk": self.class_chunk, "cpu_threads": self.cpu_threads}
+
     def __call__(self) -> LabelPredictor:
         import torch
 
@@ -431,6 +435,7 @@ class EvaluationResult:
     errors: list[dict[str, str]] = field(default_factory=list)  # the first max_listed_errors
     images_failed: int = 0
     seconds: float = 0.0
+    predictor: dict[str, Any] = field(default_factory=dict)  # the factory's settings(), e.g. the precision
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report: headline numbers as fractions (0..1), per-class rows, image accounting."""
@@ -438,6 +443,7 @@ class EvaluationResult:
         return {
             "benchmark": self.benchmark,
             "model": self.model,
+            "predictor": self.predictor,
             "data": self.data,
             "miou": _number(m.miou),
             "pixel_accuracy": _number(m.pixel_accuracy),
@@ -533,6 +539,7 @@ def evaluate(
         errors=errors,
         images_failed=failed,
         seconds=time.perf_counter() - started,
+        predictor=predictor_factory.settings() if hasattr(predictor_factory, "settings") else {},
     )
 
 

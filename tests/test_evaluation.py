@@ -118,6 +118,7 @@ def test_oracle_gives_miou_one_and_bad_files_are_counted(bucket):
     report = json.loads(storage.read_text(uri))
     assert uri.endswith("/evaluation_manifest.json")
     assert report["miou"] == 1.0 and report["image_count"] == 3 and report["images"]["failed"] == 2
+    assert report["predictor"] == {}  # the oracle has no settings to record
     assert [row["name"] for row in report["per_class"]] == CLASSES
     assert report["per_class"][3]["iou"] is None and report["per_class"][1]["iou"] == 1.0
     assert storage.exists(uri.removesuffix(".json") + "_confusion.npy")
@@ -165,6 +166,7 @@ def test_cli_with_the_tiny_model_on_a_finetuning_run_directory(bucket, tiny_chec
     assert code == 0
     report = json.loads(storage.read_text(f"{output}/evaluation_manifest.json"))
     assert report["model"] == f"tiny@{run}/step_00000002/model"
+    assert report["predictor"]["precision"] == "float32"
     assert report["images"] == {"total": 4, "evaluated": 3, "failed": 1}  # --limit 4 keeps bad.png, not cut.png
     assert 0.0 <= report["miou"] <= 1.0 and 0.0 <= report["pixel_accuracy"] <= 1.0
     labelled = sum(int((label != IGNORE).sum()) for label in bucket["labels"])
