@@ -2,10 +2,11 @@
 
 Ray Data runs an actor's UDF, and Ray Train its training function, in a thread other than the process's main
 thread. glibc gives such a thread a malloc arena of its own, built from 64 MiB heaps that are unmapped as soon as
-they empty, so each forward pass maps and page-faults its activations afresh. Measured with vit_b16 on a 2-core
-CPU (``benchmarks/labelling_throughput.py``; README "Speed"): the same forward pass made 3x the page faults and
-took 15-25% longer in a worker thread than in the main thread. One arena and a high trim threshold keep freed
-memory for the next call, as the main thread's heap does; blocks of 32 MiB and more are still returned to the OS.
+they empty, so each forward pass maps and page-faults its activations afresh. ``benchmarks/worker_thread.py``
+with vit_b16 on a 2-core CPU: the same Predictor call took 1.28x as long in a worker thread as in the main
+thread (6.7x the page faults, 3.4 s of system time per call); with these settings 1.07x. One arena and a high
+trim threshold keep freed memory for the next call, as the main thread's heap does; blocks of 32 MiB and more
+are still returned to the OS.
 
 The settings are environment variables read by glibc when the process starts, so they travel in the worker's
 runtime_env (Ray merges its env_vars with the job's). A variable the driver's environment already sets is left
