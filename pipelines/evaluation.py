@@ -54,6 +54,7 @@ from pipelines.benchmarks import (
 )
 from pipelines.cpu_workers import cpu_worker_remote_args
 from pipelines.images import decode_image
+from pipelines.labelling import actor_resources
 
 logger = logging.getLogger(__name__)
 
@@ -372,11 +373,7 @@ class EvaluationConfig:
 
     def actor_resources(self) -> tuple[float, int]:
         """(GPUs per actor, max actors) for the connected cluster."""
-        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-        num_gpus = self.num_gpus_per_actor if self.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if self.max_actors is not None:
-            return num_gpus, self.max_actors
-        return num_gpus, max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1
+        return actor_resources(self.num_gpus_per_actor, self.max_actors)
 
 
 def build_evaluation_dataset(

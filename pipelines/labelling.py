@@ -408,15 +408,29 @@ class Resources:
 
     @classmethod
     def for_cluster(cls, config: LabelConfig) -> Resources:
-        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-        num_gpus = config.num_gpus_per_actor if config.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if config.max_actors is not None:
-            max_actors = config.max_actors
-        elif num_gpus > 0:
-            max_actors = max(1, int(gpus // num_gpus))
-        else:
-            max_actors = 1
+        num_gpus, max_actors = actor_resources(config.num_gpus_per_actor, config.max_actors)
         return cls(num_gpus, max_actors, config.cpus_per_actor)
+
+
+def actor_resources(
+    num_gpus_per_actor: float | None, max_actors: int | None, cluster_gpus: float | None = None
+) -> tuple[float, int]:
+    """(GPUs per model actor, max model actors) for the options left as None: 1 GPU per actor and one actor per
+    GPU when the cluster has GPUs, else one CPU actor. ``cluster_gpus`` defaults to the connected cluster's."""
+    if cluster_gpus is None:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    gpus = cluster_gpus
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if gpus else 0.0
+        if not gpus:
+            # ray.cluster_resources() counts live nodes only: GPU workers scaled to zero look like no GPUs at all
+            logger.warning(
+                "the Ray cluster has no GPU now, so the model runs on CPU. On an autoscaling cluster whose GPU "
+                "workers are at zero, pass --num-gpus-per-actor 1 and --max-actors N so that Ray starts them."
+            )
+    if max_actors is None:
+        max_actors = max(1, int(gpus // num_gpus_per_actor)) if num_gpus_per_actor > 0 else 1
+    return num_gpus_per_actor, max_actors
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from labelling_samples import bad_images, encode_image, good_images
 from PIL import Image
 
 from pipelines.images import ImageDecodeError, decode_image
-from pipelines.labelling import PREDICTED_SCHEMA, decode_images, encode_predictions
+from pipelines.labelling import PREDICTED_SCHEMA, actor_resources, decode_images, encode_predictions
 from pipelines.masks import (
     class_statistics,
     decode_confidence_png,
@@ -156,3 +156,17 @@ def test_rle_round_trips(seed):
     mask[: rng.integers(0, mask.shape[0])] ^= True  # long runs, so deltas go negative and positive
     for compressed in (True, False):
         assert np.array_equal(rle_decode(rle_encode(mask, compressed=compressed)), mask)
+
+
+def test_actor_resources_follow_the_cluster_gpus_and_warn_when_there_are_none(caplog):
+    assert actor_resources(None, None, cluster_gpus=4) == (1.0, 4)
+    assert actor_resources(0.5, None, cluster_gpus=4) == (0.5, 8)
+    assert actor_resources(None, 2, cluster_gpus=4) == (1.0, 2)
+    assert actor_resources(0, None, cluster_gpus=4) == (0, 1)
+    assert "no GPU" not in caplog.text
+    # GPU workers scaled to zero look like a CPU cluster: the default runs on CPU, and says how to ask for GPUs
+    assert actor_resources(None, None, cluster_gpus=0) == (0.0, 1)
+    assert "--num-gpus-per-actor 1" in caplog.text
+    caplog.clear()
+    assert actor_resources(1, 3, cluster_gpus=0) == (1, 3)  # asked for explicitly: Ray's autoscaler starts them
+    assert "no GPU" not in caplog.text
