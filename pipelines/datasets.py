@@ -36,6 +36,7 @@ from PIL import Image
 
 from catseg import validate_vocabulary
 from pipelines import storage
+from pipelines.images import ImageDecodeError, decode_image
 from pipelines.vocabulary import load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -321,12 +322,6 @@ def _check_ids(label: np.ndarray, num_classes: int, uri: str) -> None:
 # Decoding
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> H x W x 3 uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def decode_label(data: bytes, encoding: LabelEncoding = "class_ids") -> np.ndarray:
     """Label PNG bytes -> H x W uint8 class ids, 255 = ignore."""
     with Image.open(io.BytesIO(data)) as image:
@@ -414,12 +409,24 @@ def resize_for_eval(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np
     return image, label
 
 
+class MismatchedPairError(ValueError):
+    """An image and its label differ in size, so no pixel of one can be trusted to describe the other."""
+
+
 def read_example(
     image_uri: str, label_uri: str, encoding: LabelEncoding, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read and decode one pair; label ids outside the class list are a configuration error and raise."""
+    """Read and decode one pair; label ids outside the class list are a configuration error and raise.
+
+    Images decode as everywhere else (``pipelines.images``: EXIF orientation applied, as detectron2's reader does
+    for the reference); label PNGs are taken as stored, so a label must match the displayed image."""
     image = decode_image(storage.read_bytes(image_uri))
     label = decode_label(storage.read_bytes(label_uri), encoding)
+    if image.shape[:2] != label.shape:
+        raise MismatchedPairError(
+            f"{image_uri} is {image.shape[1]}x{image.shape[0]} (after EXIF orientation) but its label {label_uri} "
+            f"is {label.shape[1]}x{label.shape[0]}; a label must cover the image as displayed"
+        )
     _check_ids(label, num_classes, label_uri)
     return image, label
 
@@ -442,7 +449,7 @@ def load_training_batch(
     def load(pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray] | None:
         try:
             return read_example(pair[0], pair[1], label_encoding, num_classes)
-        except (OSError, SyntaxError) as err:  # PIL raises these for unreadable images; OSError for I/O
+        except (ImageDecodeError, MismatchedPairError, OSError, SyntaxError) as err:  # a bad file, not a bad config
             logger.warning("skipping %s: %s", pair[0], err)
             return None
 

@@ -24,6 +24,7 @@ from pipelines.datasets import (
     ADE20K_CLASSES,
     COCO_STUFF_CLASSES,
     IGNORE_INDEX,
+    MismatchedPairError,
     SegmentationDataset,
     ade20k_dataset,
     augment,
@@ -36,6 +37,7 @@ from pipelines.datasets import (
     load_training_batch,
     manifest_dataset,
     read_class_names,
+    read_example,
 )
 
 
@@ -150,6 +152,34 @@ def test_corrupt_image_is_skipped_in_training_batches(s3_bucket):
     batch = {"image_uri": np.array([p[0] for p in dataset.pairs]), "label_uri": np.array([p[1] for p in dataset.pairs])}
     out = load_training_batch(batch, crop_size=32, label_encoding="class_ids", num_classes=3)
     assert out["image"].shape == (1, 32, 32, 3)
+
+
+def test_exif_rotated_photo_decodes_as_displayed_and_lines_up_with_its_label(s3_bucket):
+    root = f"s3://{s3_bucket}/exif"
+    image, label = make_scene(np.random.default_rng(5), 90, 140)  # as displayed: 140 wide, 90 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated a quarter turn; a viewer turns it back clockwise
+    stored = io.BytesIO()
+    Image.fromarray(np.rot90(image)).save(stored, format="JPEG", quality=95, exif=exif)
+    storage.write_bytes(f"{root}/photo.jpg", stored.getvalue())
+    storage.write_bytes(f"{root}/photo.png", encode_png(label))
+    decoded, decoded_label = read_example(f"{root}/photo.jpg", f"{root}/photo.png", "class_ids", 3)
+    assert decoded.shape == (90, 140, 3) and decoded_label.shape == (90, 140)
+    for class_id in range(3):  # each class keeps its colour's dominant channel: the pixels line up
+        assert decoded[decoded_label == class_id].astype(float).mean(0).argmax() == class_id
+
+
+def test_image_and_label_of_different_sizes_are_skipped_with_the_reason(s3_bucket, caplog):
+    root = f"s3://{s3_bucket}/mismatch"
+    manifest, classes = write_manifest(root, {"train": 2})
+    dataset = manifest_dataset(manifest, classes)
+    storage.write_bytes(dataset.pairs[0][1], encode_png(np.zeros((20, 30), np.uint8)))
+    with pytest.raises(MismatchedPairError, match="a label must cover the image as displayed"):
+        read_example(*dataset.pairs[0], "class_ids", 3)
+    batch = {"image_uri": np.array([p[0] for p in dataset.pairs]), "label_uri": np.array([p[1] for p in dataset.pairs])}
+    out = load_training_batch(batch, crop_size=32, label_encoding="class_ids", num_classes=3)
+    assert out["image"].shape == (1, 32, 32, 3)  # the neighbour is kept
+    assert "its label" in caplog.text and dataset.pairs[0][0] in caplog.text
 
 
 def test_augment_keeps_image_and_label_aligned():
