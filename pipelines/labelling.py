@@ -419,17 +419,16 @@ def actor_resources(
     GPU when the cluster has GPUs, else one CPU actor. ``cluster_gpus`` defaults to the connected cluster's."""
     if cluster_gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    gpus = cluster_gpus
     if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if gpus else 0.0
-        if not gpus:
+        num_gpus_per_actor = 1.0 if cluster_gpus else 0.0
+        if not cluster_gpus:
             # ray.cluster_resources() counts live nodes only: GPU workers scaled to zero look like no GPUs at all
             logger.warning(
                 "the Ray cluster has no GPU now, so the model runs on CPU. On an autoscaling cluster whose GPU "
                 "workers are at zero, pass --num-gpus-per-actor 1 and --max-actors N so that Ray starts them."
             )
     if max_actors is None:
-        max_actors = max(1, int(gpus // num_gpus_per_actor)) if num_gpus_per_actor > 0 else 1
+        max_actors = max(1, int(cluster_gpus // num_gpus_per_actor)) if num_gpus_per_actor > 0 else 1
     return num_gpus_per_actor, max_actors
 
 
