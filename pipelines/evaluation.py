@@ -371,16 +371,12 @@ class EvaluationConfig:
         if self.cpus_per_actor <= 0:
             raise ValueError(f"CPUs per actor must be > 0, got {self.cpus_per_actor}")
 
-    def actor_resources(self) -> tuple[float, int]:
-        """(GPUs per actor, max actors) for the connected cluster."""
-        return actor_resources(self.num_gpus_per_actor, self.max_actors)
-
 
 def build_evaluation_dataset(
     evaluation_set: EvaluationSet, predictor_factory: PredictorFactory, config: EvaluationConfig
 ) -> ray.data.Dataset:
     """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA)."""
-    num_gpus, max_actors = config.actor_resources()
+    num_gpus, max_actors = actor_resources(config.num_gpus_per_actor, config.max_actors)
     pairs = evaluation_set.pairs
     step = config.batch_size
     blocks = [
