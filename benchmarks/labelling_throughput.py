@@ -50,7 +50,8 @@ def main() -> None:
     import catseg
     from pipelines import storage
     from pipelines.images import decode_image
-    from pipelines.labelling import LabelConfig, resolve_model, run_labelling
+    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.models import resolve_model
     from pipelines.vocabulary import load_vocabulary
 
     work = Path(tempfile.mkdtemp(prefix="catseg-bench-"))

@@ -12,15 +12,18 @@ import io
 import json
 import re
 from pathlib import PurePosixPath
+from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .config import ModelConfig, get_config, list_models
 from .model import CATSeg
+from .pretrained import check_pretrained, fetch_pretrained, get_pretrained, is_pretrained
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,14 +92,99 @@ def save_model(model: CATSeg, uri: str) -> str:
 
 
 def load_model(uri: str, *, device: str | torch.device | None = None) -> CATSeg:
-    """Load a checkpoint directory written by :func:`save_model`, or an official CAT-Seg ``.pth`` file."""
+    """Load released weights by name (:func:`catseg.list_pretrained`, e.g. ``"vit_b16"``), a checkpoint directory
+    written by :func:`save_model`, or an official CAT-Seg ``.pth`` file.
+
+    A registered name always means the released weights; write ``./vit_b16`` for a local directory of that name.
+    """
     if not isinstance(uri, str) or not uri:
         raise ValueError("checkpoint URI must be a non-empty string")
-    if PurePosixPath(uri.split("?")[0]).suffix in OFFICIAL_SUFFIXES:
+    if is_pretrained(uri):
+        model = _load_pretrained(uri)
+    elif is_official_checkpoint(uri):
         model = load_official_checkpoint(uri)
     else:
         model = _load_catseg_checkpoint(uri)
     return model.to(device) if device is not None else model
+
+
+def is_official_checkpoint(uri: str) -> bool:
+    """Official CAT-Seg checkpoints are detectron2 ``.pth`` / ``.pt`` files; ours are directories."""
+    return PurePosixPath(uri.split("?")[0]).suffix in OFFICIAL_SUFFIXES
+
+
+def _load_pretrained(name: str) -> CATSeg:
+    weights = get_pretrained(name)
+    model = load_official_checkpoint(fetch_pretrained(name))
+    if model.config.name != weights.architecture:
+        raise ValueError(
+            f"released weights {name!r} ({weights.uri}) hold a {model.config.name!r} model, "
+            f"not {weights.architecture!r}: the cached file is not the released one; delete it from the "
+            "Hugging Face cache (huggingface-cli delete-cache) and retry"
+        )
+    return model
+
+
+def check_checkpoint(uri: str) -> ModelConfig:
+    """The architecture of a checkpoint, checked without building the model: cheap enough for a job's driver.
+
+    Released names: cached or reachable (a HEAD request). Our format: ``config.json`` parses and the safetensors
+    header (read alone, not the weights) lists exactly the architecture's tensors with their shapes and fits the
+    file. Official ``.pth``: it unpickles with ``weights_only=True`` (memory-mapped when local) and every key
+    converts with the right shape. Raises ValueError / FileNotFoundError / PretrainedUnavailableError with one line.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("checkpoint URI must be a non-empty string")
+    if is_pretrained(uri):
+        check_pretrained(uri)
+        return get_config(get_pretrained(uri).architecture)
+    if is_official_checkpoint(uri):
+        official = _read_official_state(uri, mmap=True)
+        config, state = _convert_official_keys(official, uri)
+        _check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, uri)
+        return config
+    fs, path, uri = _checkpoint_location(uri)
+    config = _read_config(fs, path, uri)
+    weights_uri = _join(uri, WEIGHTS_FILE)
+    _check_shapes(config, _safetensors_shapes(fs, _join(path, WEIGHTS_FILE), weights_uri), weights_uri)
+    return config
+
+
+def _safetensors_shapes(fs, path: str, uri: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, checked against the file size (a cut or garbage file fails)."""
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_length <= min(100_000_000, size - 8):
+                raise ValueError(f"header length {header_length} does not fit a file of {size} bytes")
+            header = json.loads(f.read(header_length))
+        shapes, end = {}, 0
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            shapes[key] = tuple(int(d) for d in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+        if 8 + header_length + end != size:
+            raise ValueError(f"the header describes {8 + header_length + end} bytes but the file has {size}")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no CAT-Seg checkpoint at {uri.rsplit('/', 1)[0]}: {WEIGHTS_FILE} is missing") from err
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError) as err:
+        raise ValueError(f"{uri} is corrupt or not a safetensors file ({err}); re-save or re-download it") from err
+    return shapes
+
+
+def _check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    expected = _reference_shapes(config)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not match the {config.name!r} architecture: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})"
+        )
 
 
 def _read_bytes(fs, path: str, uri: str, what: str) -> bytes:
@@ -111,16 +199,28 @@ def _read_bytes(fs, path: str, uri: str, what: str) -> bytes:
         ) from err
 
 
-def _load_catseg_checkpoint(uri: str) -> CATSeg:
+def _checkpoint_location(uri: str) -> tuple[Any, str, str]:
+    """(filesystem, directory path, directory URI) of a checkpoint directory or of its weights file."""
     fs, path = fsspec.core.url_to_fs(uri)
     if path.endswith(WEIGHTS_FILE):  # accept the weights file itself
         path = path[: -len(WEIGHTS_FILE)].rstrip("/")
         uri = uri[: -len(WEIGHTS_FILE)].rstrip("/")
+    return fs, path, uri
+
+
+def _read_config(fs, path: str, uri: str) -> ModelConfig:
     config_text = _read_bytes(fs, _join(path, CONFIG_FILE), uri, CONFIG_FILE)
     try:
         config = ModelConfig.from_json(config_text.decode())
-    except (ValueError, UnicodeDecodeError, TypeError) as err:
+        get_config(config.name)  # a config naming an architecture we do not know is refused here, by file
+    except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as err:
         raise ValueError(f"{_join(uri, CONFIG_FILE)} is not a valid CAT-Seg model config: {err}") from err
+    return config
+
+
+def _load_catseg_checkpoint(uri: str) -> CATSeg:
+    fs, path, uri = _checkpoint_location(uri)
+    config = _read_config(fs, path, uri)
     payload = _read_bytes(fs, _join(path, WEIGHTS_FILE), uri, WEIGHTS_FILE)
     try:
         state = load_safetensors_bytes(payload)
@@ -135,15 +235,7 @@ def _load_catseg_checkpoint(uri: str) -> CATSeg:
 
 def _load_state(model: CATSeg, state: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not match the {model.config.name!r} architecture: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})"
-        )
+    _check_shapes(model.config, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
@@ -219,27 +311,54 @@ def convert_official_state_dict(
     return detect_official_config(state), state
 
 
-def load_official_checkpoint(uri: str) -> CATSeg:
-    """Convert an official CAT-Seg checkpoint (detectron2 ``.pth`` with a ``model`` entry)."""
+def _read_official_state(uri: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The ``model`` state dict of a detectron2 ``.pth``, unpickled with ``weights_only=True`` only."""
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"official CAT-Seg checkpoint not found: {uri}")
-    with fs.open(path, "rb") as f:
-        payload = f.read()
+    checkpoint = None
+    if mmap and isinstance(fs, LocalFileSystem):
+        # local: memory-mapped, so a driver-side check does not read gigabytes; files in torch's legacy
+        # (non-zip) format cannot be mapped and are read in full below
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            checkpoint = None
     try:
-        checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if checkpoint is None:
+            with fs.open(path, "rb") as f:
+                payload = f.read()
+            checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in many types; none of them is recoverable here
         raise ValueError(
-            f"{uri} could not be read as a PyTorch checkpoint with weights_only=True ({err}); "
+            f"{uri} could not be read as a PyTorch checkpoint with weights_only=True ({_torch_load_reason(err)}); "
             "it is corrupt or holds objects other than tensors"
-        ) from err
+        ) from None
     official = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(official, dict) or not all(isinstance(v, torch.Tensor) for v in official.values()):
         raise ValueError(f"{uri} has no 'model' state dict of tensors; is it an official CAT-Seg checkpoint?")
+    return official
+
+
+def _torch_load_reason(err: BaseException) -> str:
+    """The informative part of a torch.load error: its unpickler reason, not the advice to drop weights_only."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _convert_official_keys(official: dict[str, torch.Tensor], uri: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
-        config, state = convert_official_state_dict(official)
+        return convert_official_state_dict(official)
     except KeyError as err:
         raise ValueError(f"{uri}: {err.args[0]}") from err
+
+
+def load_official_checkpoint(uri: str) -> CATSeg:
+    """Convert an official CAT-Seg checkpoint (detectron2 ``.pth`` with a ``model`` entry)."""
+    config, state = _convert_official_keys(_read_official_state(uri), uri)
     model = CATSeg(config)
     _load_state(model, state, uri)
     return model.eval()

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 
 from jobs.options import add_model_actor_options
 from pipelines.benchmarks import BENCHMARKS
-
-STEP_DIR = re.compile(r"^step_(\d+)$")  # pipelines.training writes RUN/step_NNNNNNNN/model/
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,26 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_checkpoint(uri: str) -> str:
-    """The model directory inside a fine-tuning checkpoint or run (latest step), else ``uri`` unchanged."""
-    from pipelines import storage
-
-    if uri.split("?")[0].endswith((".pth", ".pt")) or storage.exists(storage.join(uri, "config.json")):
-        return uri
-    if storage.exists(storage.join(uri, "model", "config.json")):
-        return storage.join(uri, "model")
-    fs, path = storage.filesystem(uri)
-    if not fs.isdir(path):
-        return uri  # the model loader explains what is missing
-    steps = []
-    for entry in fs.ls(path, detail=False):
-        match = STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        model_dir = storage.join(uri, match.group(0), "model") if match else None
-        if model_dir and storage.exists(storage.join(model_dir, "config.json")):
-            steps.append((int(match.group(1)), model_dir))
-    return max(steps)[1] if steps else uri
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
@@ -79,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         headline,
         write_report,
     )
-    from pipelines.labelling import resolve_model
+    from pipelines.models import resolve_model
 
     try:
         config = EvaluationConfig(
@@ -91,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             storage.check_writable(args.output.rsplit("/", 1)[0] if args.output.endswith(".json") else args.output)
         evaluation_set = load_benchmark(args.benchmark, args.data, classes=args.classes, limit=args.limit)
-        checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
-        model = resolve_model(args.model, checkpoint)
+        model = resolve_model(args.model, args.checkpoint)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

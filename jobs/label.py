@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from pipelines.labelling import LabelConfig, resolve_model, run_labelling
+    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.models import resolve_model
     from pipelines.output import OutputConflictError
     from pipelines.vocabulary import load_vocabulary
 

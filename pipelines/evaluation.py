@@ -203,12 +203,11 @@ class CatSegPredictorFactory:
         import torch
 
         import catseg
-        from pipelines.labelling import load_model_source
 
         if self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)
         predictor = catseg.Predictor(
-            load_model_source(self.model_uri), class_chunk=self.class_chunk, precision=self.precision
+            catseg.load_model(self.model_uri), class_chunk=self.class_chunk, precision=self.precision
         )
 
         def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:

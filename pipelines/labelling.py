@@ -39,6 +39,7 @@ from .cpu_workers import cpu_worker_remote_args
 from .images import ImageDecodeError, decode_image
 from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
+from .models import ModelSource
 from .output import (
     OUTPUT_SCHEMA,
     SCHEMA_VERSION,
@@ -56,11 +57,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Released CAT-Seg weights on Hugging Face, converted on load by catseg.load_model.
-RELEASED_WEIGHTS = {
-    "vit_b16": "hf://hamacojr/CAT-Seg-weights/model_base.pth",
-    "vit_l14": "hf://hamacojr/CAT-Seg-weights/model_large.pth",
-}
 # Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
 # catseg.predictor.PRECISIONS by name: this module must import without torch (read and decode workers)
@@ -104,62 +100,11 @@ def _describe_error(stage: str, err: BaseException) -> str:
     return text.replace("\n", " ")[:1000]
 
 
-# -- models ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSource:
-    """Where actors load the model from, and the id written into every row."""
-
-    uri: str  # catseg checkpoint directory, official .pth, or hf://<repo>/<file> of released weights
-    model_id: str
-
-
 def _catseg():
     # imported where a model is needed: read/decode/encode workers then start without importing torch
     import catseg
 
     return catseg
-
-
-def fetch_released_weights(uri: str) -> str:
-    """Local path of ``hf://<owner>/<repo>/<file>`` weights (downloaded once into the Hugging Face cache)."""
-    from huggingface_hub import hf_hub_download
-
-    owner, repo, filename = uri.removeprefix("hf://").split("/", 2)
-    try:
-        return hf_hub_download(repo_id=f"{owner}/{repo}", filename=filename)
-    except Exception as err:  # offline mode, no network, missing file: all end in the same advice
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RuntimeError(
-            f"cannot fetch released weights {uri} ({type(err).__name__}: {reason}); "
-            "without internet access pass --checkpoint URI (a catseg.save_model directory or an official .pth)"
-        ) from None
-
-
-def resolve_model(name: str | None = None, checkpoint: str | None = None) -> ModelSource:
-    """Check on the driver that the model can be loaded, without loading it; fails with a one-line reason."""
-    if (name is None) == (checkpoint is None):
-        raise ValueError("give exactly one of a model name or a checkpoint URI")
-    if checkpoint is not None:
-        if checkpoint.split("?")[0].endswith((".pth", ".pt")):
-            if not storage.exists(checkpoint):
-                raise FileNotFoundError(f"official CAT-Seg checkpoint not found: {checkpoint}")
-            return ModelSource(checkpoint, checkpoint)
-        architecture = _catseg().checkpoint.describe_checkpoint(checkpoint)["name"]
-        return ModelSource(checkpoint, f"{architecture}@{checkpoint}")
-    models = _catseg().list_models()
-    if name not in models:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(models)} or pass --checkpoint")
-    if name not in RELEASED_WEIGHTS:
-        raise ValueError(f"model {name!r} has no released weights; pass --checkpoint URI (e.g. from catseg.save_model)")
-    fetch_released_weights(RELEASED_WEIGHTS[name])
-    return ModelSource(RELEASED_WEIGHTS[name], f"{name}@{RELEASED_WEIGHTS[name]}")
-
-
-def load_model_source(uri: str) -> Any:
-    """Load a model on a worker: released weights through the local Hugging Face cache, anything else directly."""
-    if uri.startswith("hf://"):
-        uri = fetch_released_weights(uri)
-    return _catseg().load_model(uri)
 
 
 # -- stages ---------------------------------------------------------------------------------------------------
@@ -229,7 +174,7 @@ class SegmentationModel:
             torch.set_num_threads(cpu_threads)
         self.class_names = list(class_names)
         self.mask_dtype = mask_dtype(len(self.class_names))
-        self.predictor = _catseg().Predictor(load_model_source(model_uri), precision=precision)
+        self.predictor = _catseg().Predictor(_catseg().load_model(model_uri), precision=precision)
         self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
 
     def device_info(self) -> dict[str, Any]:

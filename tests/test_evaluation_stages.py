@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jobs.evaluate import resolve_checkpoint
 from pipelines.benchmarks import LabelIdError, load_benchmark
 from pipelines.evaluation import (
     ConfusionStage,
@@ -20,6 +19,7 @@ from pipelines.evaluation import (
     evaluate,
     read_pairs,
 )
+from pipelines.models import resolve_checkpoint
 
 IGNORE = 255
 

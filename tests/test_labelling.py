@@ -20,10 +20,10 @@ from pipelines.labelling import (
     decode_images,
     image_id_for,
     read_image_bytes,
-    resolve_model,
     run_labelling,
 )
 from pipelines.masks import decode_confidence_png, decode_mask_png
+from pipelines.models import resolve_model
 from pipelines.output import OUTPUT_SCHEMA, OutputConflictError, open_labels, read_manifest
 from pipelines.storage import filesystem
 from pipelines.vocabulary import load_vocabulary

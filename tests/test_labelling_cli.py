@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs import label as label_cli
-from pipelines.labelling import resolve_model
+from pipelines.models import resolve_model
 
 
 def test_released_model_name_offline_tells_the_user_to_pass_a_checkpoint(monkeypatch):

@@ -12,8 +12,9 @@ from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
 from jobs import query as query_cli
-from pipelines.labelling import LabelConfig, resolve_model, run_labelling
+from pipelines.labelling import LabelConfig, run_labelling
 from pipelines.masks import decode_mask_png, rle_decode
+from pipelines.models import resolve_model
 from pipelines.output import open_labels, query_labels
 from pipelines.vocabulary import load_vocabulary
 
