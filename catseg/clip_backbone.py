@@ -9,8 +9,11 @@ Two changes to the stock open_clip model, both as in the reference implementatio
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 
 import open_clip
@@ -99,12 +102,31 @@ def _resolve_clip_weights(clip_pretrained: str) -> str:
     return local
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    root = logging.getLogger()
+    log_filter = _RandomInitWarningFilter()
+    root.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(log_filter)
+
+
 def create_clip(config: ModelConfig, clip_pretrained: str | None = None) -> nn.Module:
     """The open_clip model for ``config``, with split q/k/v attention. Random init unless ``clip_pretrained``."""
     _register_open_clip_configs()
     device = torch.empty(0).device  # honours a `with torch.device("meta"):` context (shape-only builds)
     if clip_pretrained is None:
-        clip = open_clip.create_model(config.clip_model, pretrained=None, device=device)
+        # Random init is what we asked for (weights come from our checkpoint next): open_clip's root-logger
+        # warning that no pretrained weights were loaded would be noise in every job's log.
+        with _without_random_init_warning():
+            clip = open_clip.create_model(config.clip_model, pretrained=None, device=device)
     else:
         source = _resolve_clip_weights(clip_pretrained)
         try:

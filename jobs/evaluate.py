@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 from jobs.options import add_model_actor_options
@@ -44,9 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
 
-    from pipelines import storage
+    from pipelines import cluster, storage
     from pipelines.benchmarks import LabelIdError, load_benchmark
     from pipelines.evaluation import (
         CatSegPredictorFactory,
@@ -78,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    # No address: an embedded local Ray. RAY_ADDRESS (set by `ray job submit`) connects to the cluster instead.
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+    cluster.connect()  # RAY_ADDRESS (set by `ray job submit`) or an embedded local Ray
     factory = CatSegPredictorFactory(
         model.uri, cpu_threads=max(1, math.ceil(args.cpus_per_actor)), precision=args.precision
     )
     try:
         result = evaluate(evaluation_set, factory, config, model_id=model.model_id)
-    except LabelIdError as err:
+    except (LabelIdError, cluster.UnschedulableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        cluster.shutdown()
     print(format_table(result))
     print(headline(result))
     for error in result.errors[:10]:

@@ -11,10 +11,10 @@ the same --storage and --run-name resumes from the run's latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from catseg.finetune import BASE_LR
+from pipelines import cluster
 from pipelines.datasets import LAYOUTS
 from pipelines.training import FinetuneConfig, check_inputs, checkpoint_uri, resume_point, run_finetuning
 
@@ -32,14 +32,21 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="architecture: vit_b16, vit_l14 or tiny (default: from --init-checkpoint)")
     model.add_argument("--clip-pretrained", help="open_clip tag or CLIP weights URI for a fresh model")
-    model.add_argument("--init-checkpoint", help="start from this checkpoint (our format or an official .pth)")
+    model.add_argument(
+        "--init-checkpoint",
+        help="start from these weights: a released name (vit_b16, vit_l14), a checkpoint, an official .pth or a run",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--storage", required=True, help="where checkpoints go: s3://bucket/prefix or a local folder")
     run.add_argument("--run-name", required=True, help="the run's folder under --storage; same name = resume")
     run.add_argument("--num-workers", type=int, default=1)
     run.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (else CPU, gloo)")
-    run.add_argument("--cpus-per-worker", type=float, default=1.0)
+    run.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="default 1; on an embedded Ray, less if the workers would leave the data pipeline no CPU",
+    )
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU only)")
     run.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     run.add_argument("--keep-checkpoints", type=int, default=3)
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:  # every input check runs before Ray starts: a bad flag costs seconds, not a cluster
         datasets = check_inputs(config)
-    except (ValueError, FileNotFoundError, PermissionError, TypeError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, TypeError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     train, val = datasets
@@ -106,15 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray Data's progress bars (from the split coordinator) would flood the job log; the loop logs progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # RAY_ADDRESS set (ray job submit, or a user's cluster): connect; otherwise start an embedded local Ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    cluster.connect()  # RAY_ADDRESS (ray job submit, a user's cluster), else an embedded local Ray
     try:
         result = run_finetuning(config, datasets)
+    except cluster.UnschedulableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ray.train.TrainingFailedError as err:
         print(f"error: training failed: {err}", file=sys.stderr)
         return 1
     finally:
-        ray.shutdown()
+        cluster.shutdown()
     metrics = result.metrics or {}
     summary = "".join(f", {k} {metrics[k]:.4g}" for k in ("loss", "val_miou") if k in metrics)
     print(f"done: step {metrics.get('step')} (resumed from step {metrics.get('resumed_from_step', 0)}){summary}")

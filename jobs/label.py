@@ -10,7 +10,6 @@ Re-running the same command resumes: images already in the output are skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from jobs.options import add_model_actor_options
@@ -51,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
+    from pipelines import cluster
+    from pipelines.cluster import UnschedulableError, one_line
     from pipelines.labelling import LabelConfig, run_labelling
     from pipelines.models import resolve_model
     from pipelines.output import OutputConflictError
@@ -78,19 +79,24 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
         )
     except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError, OutputConflictError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err, with_type=False)}", file=sys.stderr)
         return 2
 
-    # No address: an embedded local Ray. RAY_ADDRESS (set by `ray job submit`) connects to the cluster instead.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     ray.data.DataContext.get_current().enable_progress_bars = True
-    try:
+    try:  # checks the inputs, then joins RAY_ADDRESS's cluster or starts an embedded Ray, then labels
         summary = run_labelling(config)
-    except (ValueError, FileNotFoundError, PermissionError, OutputConflictError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError, OutputConflictError, UnschedulableError) as err:
+        print(f"error: {one_line(err, with_type=False)}", file=sys.stderr)
         return 2
+    except Exception as err:  # storage outage, lost nodes: Ray has logged the details above
+        print(
+            f"error: the run into {config.output_uri} stopped: {one_line(err)}. What was committed is kept: "
+            "re-running the same command resumes",
+            file=sys.stderr,
+        )
+        return 1
     finally:
-        ray.shutdown()
+        cluster.shutdown()
 
     print(
         f"labelled {summary.processed} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s); "

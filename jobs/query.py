@@ -47,9 +47,10 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.output import export_coco_rle, export_png, query_labels
+    from pipelines.output import export_coco_rle, export_png, query_labels, require_output
 
     try:
+        require_output(args.output)  # before anything is exported: a typo must not read as zero rows
         if args.sql:
             table = query_labels(args.output, args.sql)
             try:

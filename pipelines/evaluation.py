@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipelines import storage
+from pipelines import cluster, storage
 from pipelines.benchmarks import (
     IGNORE_ID,
     EvaluationSet,
@@ -376,6 +376,13 @@ def build_evaluation_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA)."""
     num_gpus, max_actors = actor_resources(config.num_gpus_per_actor, config.max_actors)
+    cluster.require_node(
+        config.cpus_per_actor,
+        num_gpus,
+        "a model actor",
+        "lower --cpus-per-actor / --num-gpus-per-actor",
+        reserve_cpus=READ_CPUS,
+    )
     pairs = evaluation_set.pairs
     step = config.batch_size
     blocks = [
@@ -509,8 +516,7 @@ def evaluate(
     if not evaluation_set.pairs:
         raise ValueError(f"{evaluation_set.benchmark}: no images to evaluate")
     _check_first_label(evaluation_set)
-    if not ray.is_initialized():
-        ray.init()
+    cluster.connect()
     started = time.perf_counter()
     dataset = build_evaluation_dataset(evaluation_set, predictor_factory, config)
     confusion, evaluated, failed, pixels, errors = accumulate(

@@ -11,6 +11,9 @@ import io
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
+
+register_heif_opener()  # HEIC/HEIF, the format of most phone photos, through Pillow's own Image.open
 
 
 class ImageDecodeError(ValueError):

@@ -24,6 +24,7 @@ import logging
 import math
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from . import storage
+from . import cluster, storage
 from .cpu_workers import cpu_worker_remote_args
 from .images import ImageDecodeError, decode_image
 from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
@@ -61,10 +62,14 @@ logger = logging.getLogger(__name__)
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
 # catseg.predictor.PRECISIONS by name: this module must import without torch (read and decode workers)
 PRECISIONS = ("float32", "bfloat16", "float16")
+BAD_NAME_ERROR = "input: the file name is not valid UTF-8 (shown escaped); rename the file to read it"
 READ_THREADS = 16  # concurrent object-store GETs per read task
 
-SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string())])
-READ_SCHEMA = SOURCE_SCHEMA.append(pa.field("data", pa.large_binary())).append(pa.field("error", pa.string()))
+# error: set for inputs known bad before reading (a file name that is not UTF-8); they pass through as rows
+SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string()), ("error", pa.string())])
+READ_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("source_uri", pa.string()), ("data", pa.large_binary()), ("error", pa.string())]
+)
 DECODED_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -109,6 +114,8 @@ def _catseg():
 
 # -- stages ---------------------------------------------------------------------------------------------------
 def _read_one(uri: str) -> tuple[bytes | None, str | None]:
+    if uri is None:
+        return None, None
     try:
         return storage.read_bytes(uri), None
     except Exception as err:  # each backend raises its own types; the row records why
@@ -117,9 +124,10 @@ def _read_one(uri: str) -> tuple[bytes | None, str | None]:
 
 def read_image_bytes(batch: pa.Table) -> pa.Table:
     """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently."""
-    uris = batch["source_uri"].to_pylist()
+    uris, known = batch["source_uri"].to_pylist(), batch["error"].to_pylist()
     with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
         results = list(pool.map(_read_one, uris))
+    results = [(None, error) if error is not None else result for result, error in zip(results, known, strict=True)]
     return pa.table(
         {
             "image_id": batch["image_id"],
@@ -315,6 +323,13 @@ class LabelConfig:
     def __post_init__(self) -> None:
         if (self.input_uri is None) == (self.manifest_uri is None):
             raise ValueError("give exactly one of an input URI or a manifest URI")
+        for name in ("output_uri", "input_uri", "manifest_uri"):  # DIR and DIR/ are one run
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, storage.normalize_uri(getattr(self, name)))
+        if self.max_actors is not None and self.max_actors < 1:
+            raise ValueError(f"--max-actors must be at least 1, got {self.max_actors}")
+        if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0):
+            raise ValueError("--cpus-per-actor must be > 0 and --num-gpus-per-actor >= 0")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError("batch_size and rows_per_file must be at least 1")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
@@ -366,7 +381,7 @@ def actor_resources(
         cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     if num_gpus_per_actor is None:
         num_gpus_per_actor = 1.0 if cluster_gpus else 0.0
-        if not cluster_gpus:
+        if not cluster_gpus and cluster.can_grow():
             # ray.cluster_resources() counts live nodes only: GPU workers scaled to zero look like no GPUs at all
             logger.warning(
                 "the Ray cluster has no GPU now, so the model runs on CPU. On an autoscaling cluster whose GPU "
@@ -386,7 +401,7 @@ def read_manifest_uris(manifest_uri: str, uri_column: str) -> list[str | None]:
 
     fs, path = storage.filesystem(manifest_uri)
     lower = path.lower()
-    with fs.open(path, "rb") as f:
+    with storage.access_errors("read", manifest_uri), fs.open(path, "rb") as f:
         if lower.endswith((".csv", ".tsv", ".csv.gz")):
             options = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
             table = pacsv.read_csv(f, parse_options=options)
@@ -414,13 +429,23 @@ class InputPlan:
     uris: list[str]  # unique, in listing / manifest order, after --limit
     duplicates: int = 0
     blank: int = 0
+    unreadable_names: list[str] = field(default_factory=list)  # not valid UTF-8, escaped (they get error rows)
+
+
+def _is_utf8(uri: str) -> bool:
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:  # a local file name with bytes that are not UTF-8 (os gives surrogate escapes)
+        return False
+    return True
 
 
 def plan_inputs(config: LabelConfig) -> InputPlan:
+    skipped: Counter = Counter()
     if config.manifest_uri is not None:
         listed = read_manifest_uris(config.manifest_uri, config.uri_column)
     else:
-        listed = storage.list_files(config.input_uri, storage.IMAGE_SUFFIXES)
+        listed = storage.list_files(config.input_uri, storage.IMAGE_SUFFIXES, skipped)
     seen: set[str] = set()
     plan = InputPlan([])
     for uri in listed:
@@ -428,25 +453,40 @@ def plan_inputs(config: LabelConfig) -> InputPlan:
             plan.blank += 1
         elif uri in seen:
             plan.duplicates += 1
+        elif not _is_utf8(uri):
+            plan.unreadable_names.append(uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
         else:
             seen.add(uri)
             plan.uris.append(uri)
     if config.limit is not None:
         plan.uris = plan.uris[: config.limit]
+    if not plan.uris and not plan.unreadable_names and config.limit != 0:
+        where = config.input_uri or f"the {config.uri_column!r} column of {config.manifest_uri}"
+        others = ", ".join(f"{ext} ({n})" for ext, n in skipped.most_common(8))
+        raise NoInputsError(
+            f"no images found in {where}"
+            + (f"; skipped files with other extensions: {others}" if others else " (it holds no files)")
+            + f". Images are files ending in {', '.join(storage.IMAGE_SUFFIXES)}"
+        )
     return plan
+
+
+class NoInputsError(FileNotFoundError):
+    """The input names no image: refused before anything is written."""
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
 def build_labelling_dataset(
-    sources: list[tuple[str, str]], config: LabelConfig, run_id: str, resources: Resources
+    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, resources: Resources
 ) -> ray.data.Dataset:
-    """(image_id, source_uri) pairs -> the dataset of output rows (lazy; nothing runs until it is written)."""
+    """(image_id, source_uri, known error) -> the dataset of output rows (lazy; nothing runs until written)."""
     rows_per_block = config.batch_size  # small blocks keep every stage streaming
     blocks = [
         pa.table(
             {
                 "image_id": [s[0] for s in sources[start : start + rows_per_block]],
                 "source_uri": [s[1] for s in sources[start : start + rows_per_block]],
+                "error": [s[2] for s in sources[start : start + rows_per_block]],
             },
             schema=SOURCE_SCHEMA,
         )
@@ -531,17 +571,25 @@ def _check_resumable(existing: dict[str, Any] | None, config: LabelConfig, run_i
 
 def run_labelling(config: LabelConfig) -> RunSummary:
     """Label every input image not yet in the output; write the rows and the run manifest; return a summary."""
+    # every check that needs no cluster first: a mistake costs seconds and writes nothing
+    plan = plan_inputs(config)
     storage.check_writable(config.output_uri)
-    if not ray.is_initialized():
-        ray.init()
     run_id = config.resolved_run_id()
     existing = read_manifest(config.output_uri)
     _check_resumable(existing, config, run_id, config.output_uri)
-    plan = plan_inputs(config)
-    done = committed_image_ids(config.output_uri, run_id)
-    sources = [(image_id_for(uri), uri) for uri in plan.uris]
-    todo = [source for source in sources if source[0] not in done]
+    cluster.connect()
     resources = Resources.for_cluster(config)
+    cluster.require_node(
+        resources.cpus_per_actor,
+        resources.num_gpus_per_actor,
+        "a model actor",
+        "lower --cpus-per-actor / --num-gpus-per-actor",
+        reserve_cpus=READ_CPUS + DECODE_CPUS + ENCODE_CPUS + WRITE_CPUS,
+    )
+    done = committed_image_ids(config.output_uri, run_id)
+    sources = [(image_id_for(uri), uri, None) for uri in plan.uris]
+    sources += [(image_id_for(name), name, BAD_NAME_ERROR) for name in plan.unreadable_names]
+    todo = [source for source in sources if source[0] not in done]
     num_classes = len(config.vocabulary)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -590,7 +638,7 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     seconds = time.perf_counter() - started
 
     present, ok, errors = count_rows(config.output_uri)
-    missing = sum(1 for image_id, _ in sources if image_id not in present)
+    missing = sum(1 for image_id, _, _ in sources if image_id not in present)
     manifest["status"] = "complete" if missing == 0 else "incomplete"
     manifest["updated_at"] = _now()
     manifest["counts"] = {

@@ -68,8 +68,9 @@ def resolve_model(name: str | None = None, checkpoint: str | None = None) -> Mod
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(released)} or pass --checkpoint URI")
         architecture = catseg.check_checkpoint(name).name
         return ModelSource(name, f"{name}@{released[name].uri}", architecture)
-    uri = resolve_checkpoint(checkpoint)
-    architecture = catseg.check_checkpoint(uri).name
+    with storage.access_errors("read", checkpoint):
+        uri = resolve_checkpoint(checkpoint)
+        architecture = catseg.check_checkpoint(uri).name
     if uri.split("?")[0].endswith((".pth", ".pt")):
         return ModelSource(uri, uri, architecture)
     return ModelSource(uri, f"{architecture}@{uri}", architecture)

@@ -147,6 +147,15 @@ def open_labels(output_uri: str, *, files: list[str] | None = None) -> pads.Data
     return pads.dataset(files, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs)
 
 
+def require_output(output_uri: str) -> None:
+    """Readers refuse a URI that holds no labelling output (a typo would otherwise read as zero rows)."""
+    if read_manifest(output_uri) is None and not parquet_files(output_uri):
+        raise FileNotFoundError(
+            f"no labelling output at {output_uri}: it has no {MANIFEST_FILE} and no data/*.parquet; "
+            "check the --output URI (the one given to jobs.label)"
+        )
+
+
 def committed_image_ids(output_uri: str, run_id: str) -> set[str]:
     """Ids of images already in committed files of this run; refuses an output that holds another run."""
     files = parquet_files(output_uri, remove_incomplete=True)
@@ -181,6 +190,7 @@ def query_labels(output_uri: str, sql: str) -> pa.Table:
     """
     import duckdb  # only the query side needs it
 
+    require_output(output_uri)
     connection = duckdb.connect()
     try:
         connection.register("labels", open_labels(output_uri))
@@ -201,6 +211,7 @@ def _labelled_rows(output_uri: str, where: str | None, columns: list[str]) -> It
     condition = "error IS NULL" + (f" AND ({where})" if where else "")
     import duckdb  # only the query side needs it
 
+    require_output(output_uri)
     connection = duckdb.connect()
     try:
         connection.register("labels", open_labels(output_uri))

@@ -6,13 +6,34 @@ fsspec / botocore client.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Every format images.decode_image reads (Pillow, plus pillow-heif for HEIC/HEIF).
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".avif", ".heic", ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".tga",
+)  # fmt: skip
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per location: ``DIR``, ``DIR/`` and ``./DIR`` are the same input (and the same run).
+
+    Local paths become absolute (Ray workers need not share the driver's working directory); remote URIs lose
+    trailing slashes."""
+    if "://" in uri and not uri.startswith("file://"):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}" if rest.rstrip("/") else uri
+    path = uri.removeprefix("file://")
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -32,22 +53,45 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+class StorageAccessError(PermissionError):
+    """Storage that could not be reached or read: no credentials, access denied, endpoint down."""
+
+
+@contextlib.contextmanager
+def access_errors(action: str, uri: str) -> Iterator[None]:
+    """Turn a backend's own exception types (botocore, gcsfs, aiohttp, ...) into one line naming the URI."""
+    try:
+        yield
+    except (FileNotFoundError, StorageAccessError, ValueError, RuntimeError):
+        raise  # already say what is wrong (our own checks, a missing object)
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise StorageAccessError(f"cannot {action} {uri}: {reason}") from err
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, skipped: Counter | None = None) -> list[str]:
     """Sorted URIs of the files under a prefix/directory, matching a glob, or the file itself.
 
-    ``suffixes`` filters by extension (case-insensitive). Raises FileNotFoundError when nothing is there.
+    ``suffixes`` filters by extension (case-insensitive); ``skipped`` counts the extensions filtered out.
+    Raises FileNotFoundError when nothing is there.
     """
     fs, path = filesystem(uri)
     prefix = protocol_prefix(uri)
-    if any(ch in path for ch in "*?["):
-        paths = [p for p in fs.glob(path) if fs.isfile(p)]
-    elif fs.isfile(path):
-        paths = [path]
-    elif fs.isdir(path):
-        paths = fs.find(path)
-    else:
-        raise FileNotFoundError(f"nothing found at {uri}: check the bucket/prefix or path")
+    with access_errors("list", uri):
+        if any(ch in path for ch in "*?["):
+            paths = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isfile(path):
+            paths = [path]
+        elif fs.isdir(path):
+            paths = fs.find(path)
+        else:
+            raise FileNotFoundError(f"nothing found at {uri}: check the bucket/prefix or path")
     if suffixes is not None:
+        if skipped is not None:
+            skipped.update(
+                posixpath.splitext(p)[1].lower() or "(none)" for p in paths if not p.lower().endswith(suffixes)
+            )
         paths = [p for p in paths if p.lower().endswith(suffixes)]
     return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in paths)
 
@@ -77,7 +121,8 @@ def write_text(uri: str, text: str) -> None:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with access_errors("read", uri):
+        return fs.exists(path)
 
 
 def check_writable(uri: str) -> None:
@@ -85,9 +130,12 @@ def check_writable(uri: str) -> None:
     fs, path = filesystem(uri)
     probe = posixpath.join(path.rstrip("/"), f".write-probe-{uuid.uuid4().hex}")
     try:
+        created = not fs.exists(path)
         fs.makedirs(path, exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
+        if created and isinstance(fs, LocalFileSystem):  # a refused run leaves no empty folder behind
+            os.rmdir(path)
     except Exception as err:  # every backend raises its own types
         raise PermissionError(f"cannot write under {uri}: {err}") from err

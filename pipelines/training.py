@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 import catseg
 from catseg.finetune import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
-from pipelines import storage
+from pipelines import cluster, storage
 from pipelines.cpu_workers import cpu_worker_runtime_env
 from pipelines.datasets import (
     LAYOUTS,
@@ -50,8 +51,11 @@ from pipelines.datasets import (
     resize_for_eval,
     training_pipeline,
 )
+from pipelines.models import resolve_model
 
 MODEL_DIR = "model"
+DATA_PIPELINE_CPUS = 1.0  # load_training_batch tasks take 1 CPU (datasets.training_pipeline)
+MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
 TRAINING_STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_PREFIX = "step_"
@@ -79,7 +83,7 @@ class FinetuneConfig:
     init_checkpoint: str | None = None  # start from these weights (catseg.load_model URI)
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1, less on a fixed cluster that would leave the data no CPU
     max_steps: int = 80_000
     batch_size_per_worker: int = 4
     crop_size: int = 384
@@ -96,6 +100,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 3
     bf16: bool = False  # autocast to bfloat16 on GPU (ignored on CPU)
     seed: int = 0
+    stall_warning_minutes: float = 5.0  # log when no training batch arrived for this long
 
     def validate(self) -> None:
         """Refuse bad settings before anything is read or started."""
@@ -118,7 +123,7 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 32 <= self.crop_size <= 1024:
             raise ValueError(f"crop size must be in 32..1024 pixels, got {self.crop_size}")
-        if self.lr <= 0 or self.cpus_per_worker <= 0:
+        if self.lr <= 0 or (self.cpus_per_worker is not None and self.cpus_per_worker <= 0):
             raise ValueError("lr and cpus_per_worker must be positive")
         if self.bf16 and not self.use_gpu:
             raise ValueError("--bf16 autocast is for GPU training; add --use-gpu or drop --bf16")
@@ -176,17 +181,14 @@ def check_inputs(config: FinetuneConfig) -> tuple[SegmentationDataset, Segmentat
 
 
 def _check_init_checkpoint(config: FinetuneConfig) -> None:
-    uri = config.init_checkpoint
-    if uri.endswith((".pth", ".pt")):
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"--init-checkpoint {uri} does not exist")
-        return
-    config_uri = storage.join(uri, "config.json")
-    if not storage.exists(config_uri):
-        raise FileNotFoundError(f"--init-checkpoint {uri} is not a CAT-Seg checkpoint: {config_uri} is missing")
-    name = json.loads(storage.read_text(config_uri)).get("name")
-    if config.model is not None and name != config.model:
-        raise ValueError(f"--init-checkpoint {uri} holds a {name!r} model but --model is {config.model!r}")
+    """Released name, checkpoint, official .pth or fine-tuning run: checked (not loaded) and resolved in place."""
+    source = resolve_model(checkpoint=config.init_checkpoint)
+    if config.model is not None and source.architecture != config.model:
+        raise ValueError(
+            f"--init-checkpoint {config.init_checkpoint} holds a {source.architecture!r} model "
+            f"but --model is {config.model!r}"
+        )
+    config.init_checkpoint = source.uri
 
 
 def run_finetuning(
@@ -202,13 +204,14 @@ def run_finetuning(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train, val = datasets if datasets is not None else check_inputs(config)
+    worker_cpus = plan_worker_cpus(config)
     loop_config = {
         **dataclasses.asdict(config),
         "class_names": train.class_names,
         "label_encoding": train.label_encoding,
         "val_pairs": [list(pair) for pair in val.pairs] if val is not None else [],
     }
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    resources = {"CPU": worker_cpus, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -228,6 +231,45 @@ def run_finetuning(
         datasets={"train": training_pipeline(train, config.crop_size)},
     )
     return trainer.fit()
+
+
+def plan_worker_cpus(config: FinetuneConfig) -> float:
+    """CPUs per training worker, so that the workers and the data pipeline can all run.
+
+    The data pipeline (shuffle, then read/decode/augment tasks of 1 CPU each) needs a CPU of its own: workers
+    that take every CPU of a cluster that cannot grow wait for batches forever. The default is 1 CPU per worker,
+    lowered on such a cluster to share what the data pipeline leaves (2 workers on 2 CPUs: 0.5 each); explicit
+    numbers that leave the pipeline nothing are refused. A cluster with an autoscaler keeps the numbers given.
+    """
+    gpus = 1.0 if config.use_gpu else 0.0
+    total = cluster.total_cpus()
+    free = total - DATA_PIPELINE_CPUS
+    if config.cpus_per_worker is not None:
+        cpus = config.cpus_per_worker
+        if not cluster.can_grow() and config.num_workers * cpus > free:
+            raise cluster.UnschedulableError(
+                f"--num-workers {config.num_workers} x --cpus-per-worker {cpus:g} take "
+                f"{config.num_workers * cpus:g} of this Ray cluster's {total:g} CPUs and leave the data pipeline "
+                f"less than the {DATA_PIPELINE_CPUS:g} it needs: lower --cpus-per-worker (at most "
+                f"{max(free, 0) / config.num_workers:.2f}) or --num-workers, or leave --cpus-per-worker unset"
+            )
+    elif cluster.can_grow() or free >= config.num_workers:
+        cpus = 1.0
+    else:
+        cpus = math.floor(100 * max(free, 0) / config.num_workers) / 100
+        if cpus < MIN_WORKER_CPUS:
+            raise cluster.UnschedulableError(
+                f"{config.num_workers} training workers cannot share the {max(free, 0):g} CPUs that this Ray "
+                f"cluster's {total:g} leave beside the data pipeline: lower --num-workers"
+            )
+        print(  # the job's own log: a default chosen for this machine is said, not hidden
+            f"{config.num_workers} training workers x {cpus:g} CPU: {DATA_PIPELINE_CPUS:g} of this cluster's "
+            f"{total:g} CPUs stay with the data pipeline (--cpus-per-worker sets it)",
+            flush=True,
+        )
+    what = f"a training worker{' with a GPU' if gpus else ''}"
+    cluster.require_node(cpus, gpus, what, "lower --cpus-per-worker" + (" or drop --use-gpu" if gpus else ""))
+    return cpus
 
 
 def checkpoint_uri(config: FinetuneConfig, checkpoint) -> str:
@@ -336,7 +378,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {"step": step, "resumed_from_step": start_step}
     while step < cfg.max_steps:
         epoch_start_step = step
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size_per_worker, drop_last=True):
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size_per_worker, drop_last=True)
+        for batch in warn_when_stalled(batches, 60 * cfg.stall_warning_minutes, f"rank {rank}, step {step}"):
             images = batch["image"].to(device).permute(0, 3, 1, 2).float()  # B x 3 x S x S, 0..255
             labels = batch["label"].to(device).long()  # B x S x S, 255 = ignore
             with autocast:
@@ -382,6 +425,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError("an epoch of the training data yielded no full batch; see the skipped-file warnings")
     if step == start_step:  # nothing left to train (the run had finished): report once so the run has metrics
         ray.train.report(metrics)
+
+
+def warn_when_stalled(batches: Any, seconds: float, where: str) -> Any:
+    """Yield from ``batches``; log a warning each time ``seconds`` pass while waiting for the next one.
+
+    A data pipeline starved of CPUs, or storage that stopped answering, otherwise leaves a run silent forever.
+    Time spent by the caller between batches (the training step) does not count.
+    """
+    waiting_since: list[float | None] = [time.monotonic()]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(min(seconds, 30.0)):
+            since = waiting_since[0]
+            if since is not None and time.monotonic() - since >= seconds:
+                logger.warning(
+                    f"no training batch for {(time.monotonic() - since) / 60:.1f} min ({where}): the data pipeline "
+                    "is stalled; check that the workers leave it CPUs (--cpus-per-worker) and that the data "
+                    "storage answers"
+                )
+                waiting_since[0] = time.monotonic()
+
+    threading.Thread(target=watch, name="stall-watch", daemon=True).start()
+    try:
+        for batch in batches:
+            waiting_since[0] = None
+            yield batch
+            waiting_since[0] = time.monotonic()
+    finally:
+        done.set()
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
