@@ -110,8 +110,10 @@ def one_line(err: BaseException, *, with_type: bool = True) -> str:
     """An exception as one line for a job's final ``error:`` line: the innermost cause Ray wrapped, first line.
 
     ``with_type=False`` for our own refusals, whose message already says everything."""
-    while True:  # RayTaskError and friends chain the exception the task raised
-        cause = err.__cause__ or getattr(err, "cause", None)
+    # Ray's own exceptions (RayTaskError, Ray Data's wrappers) chain the exception the task raised: unwrap those
+    # only; our messages already name the file and the fix, and their causes say less.
+    while type(err).__module__.startswith("ray."):
+        cause = getattr(err, "cause", None) or err.__cause__
         if not isinstance(cause, BaseException) or cause is err:
             break
         err = cause
