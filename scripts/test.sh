@@ -1,15 +1,8 @@
 #!/usr/bin/env bash
-# Set up the virtualenv (CPU torch pinned: torch 2.14.1 + torchvision 0.29.1 come from local disk on our
-# machines; other torch builds break torchvision's import, which open_clip needs), lint, and run the tests.
+# Set up the virtualenv (scripts/setup.sh, the README's set-up command), lint, and run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-# constraints.txt pins the versions the tests were run with: a fast, reproducible resolve
-.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+./scripts/setup.sh
 # Headless Chromium for the preview page's browser test (Debian package; the test skips, saying why, without it).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
