@@ -40,7 +40,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = catseg.predictor.default_device()
+    device = catseg.default_device()
     model = catseg.build_model(args.model).to(device).eval()
     predictor = catseg.Predictor(model, device=device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'}"

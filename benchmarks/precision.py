@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import catseg
-from catseg.predictor import PRECISIONS
+from catseg import PRECISIONS
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     else:
         photo = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     names = [f"class {i}" for i in range(args.classes)]
-    device = catseg.predictor.default_device()
+    device = catseg.default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     print(f"device {device} ({name}), model {model.config.name}, {args.classes} classes, image {photo.shape[:2]}")
 

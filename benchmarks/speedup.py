@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare against")
     args = parser.parse_args()
 
-    device = catseg.predictor.default_device()
+    device = catseg.default_device()
     with tempfile.TemporaryDirectory() as directory:
         baseline = import_revision(args.baseline, directory)
         torch.manual_seed(0)

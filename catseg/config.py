@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Arithmetic of the model forward: float32, or autocast to bfloat16 / float16 (catseg.Predictor(precision=...)).
+PRECISIONS = ("float32", "bfloat16", "float16")
 OPEN_CLIP_CONFIG_DIR = CONFIG_DIR / "open_clip"
 
 # CLIP's own pixel statistics on the 0..255 scale (the reference's CLIP_PIXEL_MEAN / CLIP_PIXEL_STD).

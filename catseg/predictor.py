@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import PRECISIONS
 from .model import CATSeg, ClassesLike
 from .vocabulary import validate_vocabulary
 
 ImageLike = np.ndarray | torch.Tensor
 
 # Opt-in reduced precision for the model forward (autocast); the stitching and sigmoid stay in float32.
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 def default_device() -> torch.device:
@@ -147,7 +148,7 @@ class Predictor:
     def _view_logits(self, images: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the logits of its views: V x T x 96 x 96 (small: the stitching runs per class chunk)."""
         views = torch.cat([self._views(img.to(self.device)) for img in images])
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST_DTYPES[self.precision]
         logits = []
         for chunk in views.split(self.views_per_forward):
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

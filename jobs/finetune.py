@@ -11,83 +11,71 @@ the same --storage and --run-name resumes from the run's latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
-from catseg.finetune import BASE_LR
 from pipelines import cluster
 from pipelines.datasets import LAYOUTS
 from pipelines.training import FinetuneConfig, check_inputs, checkpoint_uri, resume_point, run_finetuning
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
+
+
+def _option(group: argparse._ArgumentGroup, flag: str, help: str = "", **kwargs: Any) -> None:
+    """An option whose default is FinetuneConfig's (written once, there), shown in --help."""
+    name = flag.removeprefix("--").replace("-", "_")
+    if "action" not in kwargs and "required" not in kwargs:
+        default = kwargs.setdefault("default", _DEFAULTS[name])
+        if default is not None:
+            kwargs.setdefault("type", type(default))
+            help = f"{help} (default: {default})".strip()
+    group.add_argument(flag, help=help, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="dataset root (cocostuff, ade20k) or manifest file (manifest)")
-    data.add_argument("--layout", required=True, help=f"dataset layout: one of {', '.join(LAYOUTS)}")
-    data.add_argument("--classes", help="class-names file, one name per line (line i = label id i-1); manifest")
-    data.add_argument("--crop-size", type=int, default=384, help="training crop side (reference 384)")
-    data.add_argument("--max-val-images", type=int, default=100, help="validation images scored per evaluation")
-    data.add_argument("--val-fraction", type=float, default=0.05, help="held out when there is no val split")
+    _option(data, "--data", "dataset root (cocostuff, ade20k) or manifest file (manifest)", required=True)
+    _option(data, "--layout", f"dataset layout: one of {', '.join(LAYOUTS)}", required=True)
+    _option(data, "--classes", "class-names file, one name per line (line i = label id i-1); manifest")
+    _option(data, "--crop-size", "training crop side")
+    _option(data, "--max-val-images", "validation images scored per evaluation")
+    _option(data, "--val-fraction", "held out when there is no val split")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="architecture: vit_b16, vit_l14 or tiny (default: from --init-checkpoint)")
-    model.add_argument("--clip-pretrained", help="open_clip tag or CLIP weights URI for a fresh model")
-    model.add_argument(
+    _option(model, "--model", "architecture: vit_b16, vit_l14 or tiny (default: from --init-checkpoint)", default=None)
+    _option(model, "--clip-pretrained", "open_clip tag or CLIP weights URI for a fresh model")
+    _option(
+        model,
         "--init-checkpoint",
-        help="start from these weights: a released name (vit_b16, vit_l14), a checkpoint, an official .pth or a run",
+        "start from these weights: a released name (vit_b16, vit_l14), a checkpoint, an official .pth or a run",
     )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--storage", required=True, help="where checkpoints go: s3://bucket/prefix or a local folder")
-    run.add_argument("--run-name", required=True, help="the run's folder under --storage; same name = resume")
-    run.add_argument("--num-workers", type=int, default=1)
-    run.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (else CPU, gloo)")
-    run.add_argument(
+    _option(run, "--storage", "where checkpoints go: s3://bucket/prefix or a local folder", required=True)
+    _option(run, "--run-name", "the run's folder under --storage; same name = resume", required=True)
+    _option(run, "--num-workers")
+    _option(run, "--use-gpu", "one GPU per worker, NCCL (else CPU, gloo)", action="store_true")
+    _option(
+        run,
         "--cpus-per-worker",
+        "default 1; on an embedded Ray, less if the workers would leave the data pipeline no CPU",
         type=float,
-        help="default 1; on an embedded Ray, less if the workers would leave the data pipeline no CPU",
     )
-    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU only)")
-    run.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
-    run.add_argument("--keep-checkpoints", type=int, default=3)
+    _option(run, "--bf16", "bfloat16 autocast (GPU only)", action="store_true")
+    _option(run, "--max-failures", "worker-group restarts from the last checkpoint")
+    _option(run, "--keep-checkpoints")
 
     solver = parser.add_argument_group("solver (defaults: the paper's)")
-    solver.add_argument("--max-steps", type=int, required=True)
-    solver.add_argument("--batch-size-per-worker", type=int, default=4)
-    solver.add_argument(
-        "--lr", type=float, default=BASE_LR, help=f"head learning rate (default {BASE_LR}; CLIP gets x0.01)"
-    )
-    solver.add_argument("--eval-every", type=int, default=5000, help="validation mIoU period in steps (0 = never)")
-    solver.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint period (and the last step)")
-    solver.add_argument("--log-every", type=int, default=20)
-    solver.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    return FinetuneConfig(
-        data=args.data,
-        layout=args.layout,
-        storage=args.storage,
-        run_name=args.run_name,
-        model=args.model,
-        classes=args.classes,
-        clip_pretrained=args.clip_pretrained,
-        init_checkpoint=args.init_checkpoint,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        max_steps=args.max_steps,
-        batch_size_per_worker=args.batch_size_per_worker,
-        crop_size=args.crop_size,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        max_val_images=args.max_val_images,
-        val_fraction=args.val_fraction,
-        max_failures=args.max_failures,
-        keep_checkpoints=args.keep_checkpoints,
-        bf16=args.bf16,
-        seed=args.seed,
-    )
+    _option(solver, "--max-steps", type=int, required=True)
+    _option(solver, "--batch-size-per-worker")
+    _option(solver, "--lr", "head learning rate (CLIP gets x0.01)")
+    _option(solver, "--eval-every", "validation mIoU period in steps (0 = never)")
+    _option(solver, "--checkpoint-every", "checkpoint period (and the last step)")
+    _option(solver, "--log-every")
+    _option(solver, "--seed")
+    return FinetuneConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.labelling import PRECISIONS
+from catseg import PRECISIONS
 
 
 def add_model_actor_options(parser: argparse.ArgumentParser, *, batch_size: int, precision_help: str) -> None:

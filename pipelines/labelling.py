@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+import catseg
+
 from . import cluster, storage
 from .cpu_workers import cpu_worker_remote_args
 from .images import ImageDecodeError, decode_image
@@ -60,8 +62,6 @@ logger = logging.getLogger(__name__)
 
 # Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
-# catseg.predictor.PRECISIONS by name: this module must import without torch (read and decode workers)
-PRECISIONS = ("float32", "bfloat16", "float16")
 BAD_NAME_ERROR = "input: the file name is not valid UTF-8 (shown escaped); rename the file to read it"
 READ_THREADS = 16  # concurrent object-store GETs per read task
 
@@ -105,13 +105,6 @@ def _describe_error(stage: str, err: BaseException) -> str:
     return text.replace("\n", " ")[:1000]
 
 
-def _catseg():
-    # imported where a model is needed: read/decode/encode workers then start without importing torch
-    import catseg
-
-    return catseg
-
-
 # -- stages ---------------------------------------------------------------------------------------------------
 def _read_one(uri: str) -> tuple[bytes | None, str | None]:
     if uri is None:
@@ -124,7 +117,8 @@ def _read_one(uri: str) -> tuple[bytes | None, str | None]:
 
 def read_image_bytes(batch: pa.Table) -> pa.Table:
     """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently."""
-    uris, known = batch["source_uri"].to_pylist(), batch["error"].to_pylist()
+    uris = batch["source_uri"].to_pylist()
+    known = batch["error"].to_pylist() if "error" in batch.column_names else [None] * len(uris)
     with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
         results = list(pool.map(_read_one, uris))
     results = [(None, error) if error is not None else result for result, error in zip(results, known, strict=True)]
@@ -182,7 +176,7 @@ class SegmentationModel:
             torch.set_num_threads(cpu_threads)
         self.class_names = list(class_names)
         self.mask_dtype = mask_dtype(len(self.class_names))
-        self.predictor = _catseg().Predictor(_catseg().load_model(model_uri), precision=precision)
+        self.predictor = catseg.Predictor(catseg.load_model(model_uri), precision=precision)
         self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
 
     def device_info(self) -> dict[str, Any]:
@@ -336,8 +330,8 @@ class LabelConfig:
             raise ValueError(f"confidence threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.limit is not None and self.limit < 0:
             raise ValueError("limit must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in catseg.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(catseg.PRECISIONS)}, got {self.precision!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the content of the rows: a resumed run must match it (limit and resources may change)."""

@@ -55,7 +55,7 @@ def resolve_model(name: str | None = None, checkpoint: str | None = None) -> Mod
 
     if (name is None) == (checkpoint is None):
         raise ValueError("give exactly one of a model name or a checkpoint URI")
-    if checkpoint is not None and catseg.checkpoint.is_pretrained(checkpoint):
+    if checkpoint is not None and catseg.is_pretrained(checkpoint):
         name, checkpoint = checkpoint, None
     if name is not None:
         released = {weights.name: weights for weights in catseg.list_pretrained()}

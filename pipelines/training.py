@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import shutil
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import catseg
-from catseg.finetune import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
+from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import cluster, storage
 from pipelines.cpu_workers import cpu_worker_runtime_env
 from pipelines.datasets import (
@@ -51,6 +50,7 @@ from pipelines.datasets import (
     resize_for_eval,
     training_pipeline,
 )
+from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_model
 
 MODEL_DIR = "model"
@@ -59,7 +59,6 @@ MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
 TRAINING_STATE_FILE = "training_state.pt"
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_PREFIX = "step_"
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train (v2) 2.60's record of committed ones
 # Layout -> (training split, validation split) folder names.
 logger = logging.getLogger(__name__)  # in Ray Train workers the root logger reaches the driver (print shows twice)
 LAYOUT_SPLITS = {
@@ -296,19 +295,28 @@ def list_checkpoints(storage_uri: str, run_name: str) -> list[tuple[int, str]]:
 def resume_point(storage_uri: str, run_name: str) -> tuple[int, str] | None:
     """(step, URI) of the checkpoint a re-run of this run would resume from, or None for a fresh start.
 
-    Reads the record Ray Train keeps beside the checkpoints (its checkpoint-manager snapshot): a checkpoint
-    counts once Ray has committed it there, not when its files land."""
-    snapshot_uri = storage.join(storage_uri, run_name, RAY_CHECKPOINT_SNAPSHOT)
-    fs, path = storage.filesystem(snapshot_uri)
-    fs.invalidate_cache(posixpath.dirname(path))
-    try:
-        latest = json.loads(storage.read_text(snapshot_uri)).get("latest_checkpoint_result") or {}
-    except (FileNotFoundError, ValueError):
+    Asks Ray Train (``ray.train.Result.from_path``): a checkpoint counts once Ray has committed it, not when its
+    files land."""
+    import ray.train
+
+    run_uri = storage.join(storage_uri, run_name)
+    fs, path = storage.filesystem(run_uri)
+    fs.invalidate_cache(path)  # s3fs caches listings; checkpoints appear while a run goes on
+    if not fs.exists(path):
         return None
-    name = latest.get("checkpoint_dir_name", "")
+    train_logger = logging.getLogger("ray.train")
+    level = train_logger.level
+    train_logger.setLevel(logging.WARNING)  # reading the record logs advice meant for starting a trainer
+    try:
+        checkpoint = ray.train.Result.from_path(run_uri).checkpoint
+    except RuntimeError:  # a folder Ray Train has not recorded a checkpoint in (yet)
+        return None
+    finally:
+        train_logger.setLevel(level)
+    name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
     if not name.startswith(CHECKPOINT_PREFIX):
         return None
-    return int(name[len(CHECKPOINT_PREFIX) :]), storage.join(storage_uri, run_name, name)
+    return int(name[len(CHECKPOINT_PREFIX) :]), storage.join(run_uri, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,7 +501,7 @@ def evaluate_miou(
     autocast: torch.autocast,
     batch_size: int = 4,
 ) -> float:
-    """Mean IoU over the classes present in prediction or truth, summed over every rank's examples.
+    """Mean IoU (detectron2's definition, as jobs.evaluate) of the confusion summed over every rank's examples.
 
     Eval mode (class-attention pooling 1, as at inference); whole image at the crop size. Every rank must call it.
     """
@@ -517,11 +525,8 @@ def evaluate_miou(
 
 
 def miou_from_confusion(confusion: torch.Tensor) -> float:
-    """confusion[true, predicted] -> mean IoU over classes that occur in truth or prediction."""
-    intersection = confusion.diag().double()
-    union = confusion.sum(0).double() + confusion.sum(1).double() - intersection
-    present = union > 0
-    return float((intersection[present] / union[present]).mean()) if present.any() else 0.0
+    """confusion[true, predicted] -> mIoU as jobs.evaluate reports it (:func:`pipelines.metrics.compute_metrics`)."""
+    return compute_metrics(confusion.numpy()).miou
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.benchmarks import IGNORE_ID, map_background
-from pipelines.evaluation import (
+from pipelines.metrics import (
     add_sparse_confusion,
     compute_metrics,
     confusion_matrix,

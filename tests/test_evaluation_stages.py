@@ -15,10 +15,10 @@ from pipelines.evaluation import (
     ConfusionStage,
     EvaluationConfig,
     accumulate,
-    compute_metrics,
     evaluate,
     read_pairs,
 )
+from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_checkpoint
 
 IGNORE = 255

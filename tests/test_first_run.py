@@ -225,3 +225,40 @@ def test_released_name_as_checkpoint_and_finetuning_run_resolve(tmp_path, tiny_c
     (run / "step_00000004" / "progress.json").write_text(json.dumps({"step": 4}))
     source = resolve_model(checkpoint=str(run))  # jobs.label --checkpoint RUN, as jobs.evaluate accepts it
     assert source.uri == f"{run}/step_00000004/model" and source.architecture == "tiny"
+
+
+def test_storage_outage_mid_run_ends_in_one_line_that_says_re_run_resumes(photos, tiny_checkpoint, tmp_path):
+    import boto3
+    from conftest import _free_port
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # this test's own endpoint
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}  # fmt: skip
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")  # fmt: skip
+    client.create_bucket(Bucket="outage")
+    output = "s3://outage/labels"
+    command = [sys.executable, "-m", "jobs.label", "--input", str(photos), "--vocab", "road,car", "--checkpoint",
+               tiny_checkpoint, "--output", output]  # fmt: skip
+    job = subprocess.Popen(command, cwd=REPO, env=_env(**aws), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.poll() is None:
+            if client.list_objects_v2(Bucket="outage", Prefix="labels/manifest.json").get("KeyCount"):
+                break  # the run has started: the endpoint goes away before its rows are written
+            time.sleep(0.1)
+        server.stop()
+        _, err = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert job.returncode == 1, err[-3000:]
+    assert lines[-1].startswith(f"error: the run into {output} stopped: "), err[-3000:]
+    assert lines[-1].endswith("re-running the same command resumes")
+    assert sum(line.startswith("error:") for line in lines) == 1

@@ -44,10 +44,10 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
 
 def test_precision_is_checked_and_changes_the_run_id_only_when_set(tmp_path, tiny_checkpoint):
     import catseg
-    from pipelines.labelling import PRECISIONS, LabelConfig
+    from pipelines.labelling import LabelConfig
     from pipelines.vocabulary import load_vocabulary
 
-    assert set(PRECISIONS) == set(catseg.predictor.PRECISIONS)
+    assert set(catseg.PRECISIONS) == set(catseg.predictor.AUTOCAST_DTYPES)
     common = {
         "output_uri": str(tmp_path / "out"),
         "vocabulary": load_vocabulary("cat,dog"),

@@ -156,6 +156,15 @@ def test_cosine_schedule_decays_to_zero():
     assert factor(150) == pytest.approx(0.0)
 
 
+def test_validation_miou_is_the_evaluation_miou_on_the_same_confusion():
+    from pipelines.metrics import compute_metrics
+
+    # class 2 is predicted (2 pixels) but absent from the ground truth: detectron2 leaves it out of the mean
+    confusion = torch.tensor([[8, 0, 2], [0, 10, 0], [0, 0, 0]])
+    assert miou_from_confusion(confusion) == compute_metrics(confusion.numpy()).miou
+    assert miou_from_confusion(confusion) == pytest.approx(np.mean([8 / 10, 10 / 10]))
+
+
 def test_miou_counts_only_classes_that_occur():
     confusion = torch.tensor([[8, 2, 0], [0, 10, 0], [0, 0, 0]])
     expected = np.mean([8 / 10, 10 / 12])
