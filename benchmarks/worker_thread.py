@@ -1,5 +1,5 @@
 """Predictor time in the main thread vs a worker thread, with glibc's default malloc and with the settings CPU
-model workers get (pipelines/cpu_workers.py). Ray Data runs UDFs, and Ray Train its training function, in a
+model workers get (pipelines/workers.py). Ray Data runs UDFs, and Ray Train its training function, in a
 worker thread.
 
     python benchmarks/worker_thread.py --arch vit_b16 --repeats 3
@@ -75,7 +75,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args)))
         return
-    from pipelines.cpu_workers import CPU_WORKER_MALLOC_ENV
+    from pipelines.workers import CPU_WORKER_MALLOC_ENV
 
     child = [sys.executable, __file__, "--child", *sys.argv[1:]]
     plain_env = {k: v for k, v in os.environ.items() if k not in CPU_WORKER_MALLOC_ENV}

@@ -68,6 +68,8 @@ class Predictor:
     outputs differ slightly from float32, see the README for the measured effect).
     """
 
+    DEFAULT_CLASS_CHUNK = 32  # bounds memory at no cost in outputs; jobs record it with their results
+
     def __init__(
         self,
         model: CATSeg,
@@ -77,7 +79,7 @@ class Predictor:
         crop: int = 384,
         stride: int = 256,
         views_per_forward: int = 5,
-        class_chunk: int = 32,
+        class_chunk: int = DEFAULT_CLASS_CHUNK,
         truncate: bool = True,
         precision: str = "float32",
         cache_size: int = 4,

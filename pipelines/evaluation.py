@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+import catseg
 from pipelines import cluster, storage
 from pipelines.benchmarks import (
     EvaluationSet,
@@ -51,9 +52,7 @@ from pipelines.benchmarks import (
     decode_label,
     map_background,
 )
-from pipelines.cpu_workers import cpu_worker_remote_args
 from pipelines.images import decode_image
-from pipelines.labelling import actor_resources
 from pipelines.metrics import (
     SegmentationMetrics,
     add_sparse_confusion,
@@ -61,6 +60,8 @@ from pipelines.metrics import (
     confusion_matrix,
     encode_sparse_confusion,
 )
+from pipelines.model_stage import load_predictor, predict_each
+from pipelines.workers import ModelActors
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,11 @@ class CatSegPredictorFactory:
     """
 
     def __init__(
-        self, model_uri: str, cpu_threads: int | None = None, class_chunk: int = 64, precision: str = "float32"
+        self, model_uri: str, cpu_threads: int | None = None, class_chunk: int | None = None, precision: str = "float32"
     ) -> None:
         self.model_uri = model_uri
         self.cpu_threads = cpu_threads
-        self.class_chunk = class_chunk
+        self.class_chunk = class_chunk or catseg.Predictor.DEFAULT_CLASS_CHUNK  # labelling's too
         self.precision = precision
 
     def settings(self) -> dict[str, Any]:
@@ -119,14 +120,8 @@ class CatSegPredictorFactory:
         return {"precision": self.precision, "class_chunk": self.class_chunk, "cpu_threads": self.cpu_threads}
 
     def __call__(self) -> LabelPredictor:
-        import torch
-
-        import catseg
-
-        if self.cpu_threads:
-            torch.set_num_threads(self.cpu_threads)
-        predictor = catseg.Predictor(
-            catseg.load_model(self.model_uri), class_chunk=self.class_chunk, precision=self.precision
+        predictor = load_predictor(
+            self.model_uri, cpu_threads=self.cpu_threads, precision=self.precision, class_chunk=self.class_chunk
         )
 
         def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:
@@ -150,24 +145,6 @@ class ConfusionStage:
         self.num_classes = num_classes
         self.background_from = background_from
 
-    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray | BaseException]:
-        if not images:
-            return []
-        try:
-            predictions = list(self.predict(images, self.vocabulary))
-            if len(predictions) != len(images):
-                raise RuntimeError(f"the predictor returned {len(predictions)} label maps for {len(images)} images")
-            return predictions
-        except Exception:
-            # one image broke the batch (or memory ran out): retry one by one so only the culprit fails
-            results: list[np.ndarray | BaseException] = []
-            for image in images:
-                try:
-                    results.append(self.predict([image], self.vocabulary)[0])
-                except Exception as err:
-                    results.append(err)
-            return results
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
         errors, fatal = batch["error"].to_pylist(), batch["fatal"].to_pylist()
@@ -176,7 +153,11 @@ class ConfusionStage:
         images = [np.frombuffer(pixels[i].as_py(), np.uint8).reshape(heights[i], widths[i], 3) for i in todo]
         counted: list[int | None] = [None] * len(errors)
         confusion: list[bytes | None] = [None] * len(errors)
-        for i, prediction in zip(todo, self._predict(images), strict=True):
+
+        def predict(batch_images: list[np.ndarray]) -> list[np.ndarray]:
+            return self.predict(batch_images, self.vocabulary)
+
+        for i, prediction in zip(todo, predict_each(predict, images), strict=True):
             if isinstance(prediction, BaseException):
                 errors[i] = _describe_error("model", prediction)
                 continue
@@ -294,13 +275,8 @@ def build_evaluation_dataset(
     evaluation_set: EvaluationSet, predictor_factory: PredictorFactory, config: EvaluationConfig
 ) -> ray.data.Dataset:
     """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA)."""
-    num_gpus, max_actors = actor_resources(config.num_gpus_per_actor, config.max_actors)
-    cluster.require_node(
-        config.cpus_per_actor,
-        num_gpus,
-        "a model actor",
-        "lower --cpus-per-actor / --num-gpus-per-actor",
-        reserve_cpus=READ_CPUS,
+    actors = ModelActors.plan(
+        config.num_gpus_per_actor, config.max_actors, config.cpus_per_actor, reserve_cpus=READ_CPUS
     )
     pairs = evaluation_set.pairs
     step = config.batch_size
@@ -329,12 +305,9 @@ def build_evaluation_dataset(
                 "num_classes": evaluation_set.num_classes,
                 "background_from": evaluation_set.background_from,
             },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-            num_gpus=num_gpus,
-            num_cpus=config.cpus_per_actor,
             batch_size=step,
             batch_format="pyarrow",
-            **cpu_worker_remote_args(num_gpus),
+            **actors.map_batches_args(),
         )
     )
 

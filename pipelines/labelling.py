@@ -21,27 +21,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 
 import catseg
 
 from . import cluster, storage
-from .cpu_workers import cpu_worker_remote_args
-from .images import ImageDecodeError, decode_image
-from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
+from .masks import mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
+from .model_stage import SegmentationModel
 from .models import ModelSource
 from .output import (
     OUTPUT_SCHEMA,
@@ -54,6 +49,8 @@ from .output import (
     read_manifest,
     write_manifest,
 )
+from .stages import SOURCE_SCHEMA, decode_images, encode_predictions, read_image_bytes
+from .workers import ModelActors
 
 if TYPE_CHECKING:
     from .vocabulary import Vocabulary
@@ -63,233 +60,11 @@ logger = logging.getLogger(__name__)
 # Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
 BAD_NAME_ERROR = "input: the file name is not valid UTF-8 (shown escaped); rename the file to read it"
-READ_THREADS = 16  # concurrent object-store GETs per read task
-
-# error: set for inputs known bad before reading (a file name that is not UTF-8); they pass through as rows
-SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string()), ("error", pa.string())])
-READ_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("source_uri", pa.string()), ("data", pa.large_binary()), ("error", pa.string())]
-)
-DECODED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
-        ("error", pa.string()),
-    ]
-)
-PREDICTED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
-        ("confidence", pa.large_binary()),  # H x W float32 max probability
-        ("error", pa.string()),
-    ]
-)
 
 
 def image_id_for(uri: str) -> str:
     """Stable id of an input image: a hash of its source URI (the key for resume and dedup)."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
-
-
-def _describe_error(stage: str, err: BaseException) -> str:
-    """One line: the stage, the exception type (unless it is our own readable decode error) and its message."""
-    message = str(err) or type(err).__name__
-    text = f"{stage}: {message}" if isinstance(err, ImageDecodeError) else f"{stage}: {type(err).__name__}: {message}"
-    return text.replace("\n", " ")[:1000]
-
-
-# -- stages ---------------------------------------------------------------------------------------------------
-def _read_one(uri: str) -> tuple[bytes | None, str | None]:
-    if uri is None:
-        return None, None
-    try:
-        return storage.read_bytes(uri), None
-    except Exception as err:  # each backend raises its own types; the row records why
-        return None, _describe_error("read", err)
-
-
-def read_image_bytes(batch: pa.Table) -> pa.Table:
-    """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently."""
-    uris = batch["source_uri"].to_pylist()
-    known = batch["error"].to_pylist() if "error" in batch.column_names else [None] * len(uris)
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
-        results = list(pool.map(_read_one, uris))
-    results = [(None, error) if error is not None else result for result, error in zip(results, known, strict=True)]
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "data": pa.array([r[0] for r in results], pa.large_binary()),
-            "error": pa.array([r[1] for r in results], pa.string()),
-        },
-        schema=READ_SCHEMA,
-    )
-
-
-def decode_images(batch: pa.Table) -> pa.Table:
-    """Encoded bytes -> RGB pixels (EXIF-oriented) and original size; undecodable rows get an error."""
-    widths, heights, pixels, errors = [], [], [], []
-    for data, error in zip(batch["data"].to_pylist(), batch["error"].to_pylist(), strict=True):
-        rgb = None
-        if error is None:
-            try:
-                rgb = decode_image(data)
-            except Exception as err:  # a bad file becomes its own error row, never a failed batch
-                error = _describe_error("decode", err)
-        widths.append(None if rgb is None else rgb.shape[1])
-        heights.append(None if rgb is None else rgb.shape[0])
-        pixels.append(None if rgb is None else rgb.tobytes())
-        errors.append(error)
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()),
-            "pixels": pa.array(pixels, pa.large_binary()),
-            "error": pa.array(errors, pa.string()),
-        },
-        schema=DECODED_SCHEMA,
-    )
-
-
-class SegmentationModel:
-    """Model stage (one instance per actor): loads the checkpoint once, embeds the vocabulary once, then runs
-    the sliding-window protocol (:meth:`catseg.Predictor.predict_labels_batch`) on each batch.
-
-    The device is CUDA when the actor was given a GPU that torch can use, else CPU (e.g. a fake GPU resource).
-    """
-
-    def __init__(
-        self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None, precision: str = "float32"
-    ) -> None:
-        import torch
-
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.class_names = list(class_names)
-        self.mask_dtype = mask_dtype(len(self.class_names))
-        self.predictor = catseg.Predictor(catseg.load_model(model_uri), precision=precision)
-        self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
-
-    def device_info(self) -> dict[str, Any]:
-        import torch
-
-        return {
-            "device": str(self.predictor.device),
-            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
-            "cuda_available": torch.cuda.is_available(),
-            "torch_threads": torch.get_num_threads(),
-        }
-
-    def _predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | BaseException]:
-        if not images:
-            return []
-        try:
-            return list(self.predictor.predict_labels_batch(images, self.class_names))
-        except Exception:
-            # one image broke the batch (or it ran out of memory): retry alone so only the culprit fails
-            results: list[tuple[np.ndarray, np.ndarray] | BaseException] = []
-            for image in images:
-                try:
-                    results.append(self.predictor.predict_labels(image, self.class_names))
-                except Exception as err:
-                    results.append(err)
-            return results
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-        errors = batch["error"].to_pylist()
-        todo = [i for i, error in enumerate(errors) if error is None]
-        pixel_column = batch["pixels"]
-        images = [
-            np.frombuffer(pixel_column[i].as_py(), dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in todo
-        ]
-        labels: list[bytes | None] = [None] * len(errors)
-        confidence: list[bytes | None] = [None] * len(errors)
-        for i, result in zip(todo, self._predict(images), strict=True):
-            if isinstance(result, BaseException):
-                errors[i] = _describe_error("model", result)
-                continue
-            label_map, probability = result
-            if label_map.shape != (heights[i], widths[i]):
-                errors[i] = f"model: label map {label_map.shape} does not match the image {heights[i]}x{widths[i]}"
-                continue
-            labels[i] = label_map.astype(self.mask_dtype).tobytes()
-            confidence[i] = probability.astype(np.float32).tobytes()
-        return pa.table(
-            {
-                "image_id": batch["image_id"],
-                "source_uri": batch["source_uri"],
-                "width": batch["width"],
-                "height": batch["height"],
-                "labels": pa.array(labels, pa.large_binary()),
-                "confidence": pa.array(confidence, pa.large_binary()),
-                "error": pa.array(errors, pa.string()),
-            },
-            schema=PREDICTED_SCHEMA,
-        )
-
-
-def encode_predictions(
-    batch: pa.Table,
-    *,
-    class_names: Sequence[str],
-    run_id: str,
-    model_id: str,
-    vocab_id: str,
-    with_confidence: bool = False,
-    confidence_threshold: float | None = None,
-) -> pa.Table:
-    """Label maps -> the output rows: PNG mask, optional confidence PNG, per-class statistics, provenance."""
-    names = list(class_names)
-    dtype, unlabelled = mask_dtype(len(names)), unlabelled_value_for(len(names))
-    widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-    errors = batch["error"].to_pylist()
-    masks, confidences, stats = [], [], []
-    for i, (raw_labels, raw_confidence) in enumerate(
-        zip(batch["labels"].to_pylist(), batch["confidence"].to_pylist(), strict=True)
-    ):
-        mask_png = confidence_png = class_stats = None
-        if errors[i] is None:
-            try:
-                shape = (heights[i], widths[i])
-                probability = np.frombuffer(raw_confidence, dtype=np.float32).reshape(shape)
-                label_map = np.frombuffer(raw_labels, dtype=dtype).reshape(shape)
-                mask = labels_to_mask(label_map, len(names), probability, confidence_threshold)
-                mask_png = encode_mask_png(mask)
-                confidence_png = encode_confidence_png(probability) if with_confidence else None
-                class_stats = class_statistics(mask, probability, names, unlabelled)
-            except Exception as err:
-                mask_png = confidence_png = class_stats = None
-                errors[i] = _describe_error("encode", err)
-        masks.append(mask_png)
-        confidences.append(confidence_png)
-        stats.append(class_stats)
-    rows = len(errors)
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "width": batch["width"],
-            "height": batch["height"],
-            "mask_png": pa.array(masks, pa.binary()),
-            "confidence_png": pa.array(confidences, pa.binary()),
-            "class_stats": pa.array(stats, OUTPUT_SCHEMA.field("class_stats").type),
-            "error": pa.array(errors, pa.string()),
-            "run_id": pa.array([run_id] * rows, pa.string()),
-            "model_id": pa.array([model_id] * rows, pa.string()),
-            "vocab_id": pa.array([vocab_id] * rows, pa.string()),
-        },
-        schema=OUTPUT_SCHEMA,
-    )
 
 
 # -- configuration --------------------------------------------------------------------------------------------
@@ -352,38 +127,6 @@ class LabelConfig:
             return self.run_id
         digest = hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
         return f"run-{digest}"
-
-
-@dataclass(frozen=True)
-class Resources:
-    num_gpus_per_actor: float
-    max_actors: int
-    cpus_per_actor: float
-
-    @classmethod
-    def for_cluster(cls, config: LabelConfig) -> Resources:
-        num_gpus, max_actors = actor_resources(config.num_gpus_per_actor, config.max_actors)
-        return cls(num_gpus, max_actors, config.cpus_per_actor)
-
-
-def actor_resources(
-    num_gpus_per_actor: float | None, max_actors: int | None, cluster_gpus: float | None = None
-) -> tuple[float, int]:
-    """(GPUs per model actor, max model actors) for the options left as None: 1 GPU per actor and one actor per
-    GPU when the cluster has GPUs, else one CPU actor. ``cluster_gpus`` defaults to the connected cluster's."""
-    if cluster_gpus is None:
-        cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if cluster_gpus else 0.0
-        if not cluster_gpus and cluster.can_grow():
-            # ray.cluster_resources() counts live nodes only: GPU workers scaled to zero look like no GPUs at all
-            logger.warning(
-                "the Ray cluster has no GPU now, so the model runs on CPU. On an autoscaling cluster whose GPU "
-                "workers are at zero, pass --num-gpus-per-actor 1 and --max-actors N so that Ray starts them."
-            )
-    if max_actors is None:
-        max_actors = max(1, int(cluster_gpus // num_gpus_per_actor)) if num_gpus_per_actor > 0 else 1
-    return num_gpus_per_actor, max_actors
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -471,7 +214,7 @@ class NoInputsError(FileNotFoundError):
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
 def build_labelling_dataset(
-    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, resources: Resources
+    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, resources: ModelActors
 ) -> ray.data.Dataset:
     """(image_id, source_uri, known error) -> the dataset of output rows (lazy; nothing runs until written)."""
     rows_per_block = config.batch_size  # small blocks keep every stage streaming
@@ -496,15 +239,12 @@ def build_labelling_dataset(
             fn_constructor_kwargs={
                 "model_uri": config.model.uri,
                 "class_names": names,
-                "cpu_threads": max(1, math.ceil(resources.cpus_per_actor)),
+                "cpu_threads": resources.torch_threads,
                 "precision": config.precision,
             },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.max_actors),
-            num_gpus=resources.num_gpus_per_actor,
-            num_cpus=resources.cpus_per_actor,
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            **cpu_worker_remote_args(resources.num_gpus_per_actor),
+            **resources.map_batches_args(),
         )
         .map_batches(
             encode_predictions,
@@ -572,12 +312,10 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     existing = read_manifest(config.output_uri)
     _check_resumable(existing, config, run_id, config.output_uri)
     cluster.connect()
-    resources = Resources.for_cluster(config)
-    cluster.require_node(
-        resources.cpus_per_actor,
-        resources.num_gpus_per_actor,
-        "a model actor",
-        "lower --cpus-per-actor / --num-gpus-per-actor",
+    resources = ModelActors.plan(
+        config.num_gpus_per_actor,
+        config.max_actors,
+        config.cpus_per_actor,
         reserve_cpus=READ_CPUS + DECODE_CPUS + ENCODE_CPUS + WRITE_CPUS,
     )
     done = committed_image_ids(config.output_uri, run_id)

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import cluster, storage
-from pipelines.cpu_workers import cpu_worker_runtime_env
 from pipelines.datasets import (
     LAYOUTS,
     SegmentationDataset,
@@ -52,6 +51,7 @@ from pipelines.datasets import (
 )
 from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_model
+from pipelines.workers import cpu_worker_runtime_env
 
 MODEL_DIR = "model"
 DATA_PIPELINE_CPUS = 1.0  # load_training_batch tasks take 1 CPU (datasets.training_pipeline)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines.cpu_workers import (
+from pipelines.workers import (
     CPU_WORKER_MALLOC_ENV,
     cpu_worker_env_vars,
     cpu_worker_remote_args,

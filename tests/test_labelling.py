@@ -14,17 +14,12 @@ import pyarrow.fs as pafs
 import pytest
 from labelling_samples import bad_images, good_images, upload
 
-from pipelines.labelling import (
-    LabelConfig,
-    SegmentationModel,
-    decode_images,
-    image_id_for,
-    read_image_bytes,
-    run_labelling,
-)
+from pipelines.labelling import LabelConfig, image_id_for, run_labelling
 from pipelines.masks import decode_confidence_png, decode_mask_png
+from pipelines.model_stage import SegmentationModel
 from pipelines.models import resolve_model
 from pipelines.output import OUTPUT_SCHEMA, OutputConflictError, open_labels, read_manifest
+from pipelines.stages import decode_images, read_image_bytes
 from pipelines.storage import filesystem
 from pipelines.vocabulary import load_vocabulary
 

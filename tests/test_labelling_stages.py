@@ -11,7 +11,6 @@ from labelling_samples import bad_images, encode_image, good_images
 from PIL import Image
 
 from pipelines.images import ImageDecodeError, decode_image
-from pipelines.labelling import PREDICTED_SCHEMA, actor_resources, decode_images, encode_predictions
 from pipelines.masks import (
     class_statistics,
     decode_confidence_png,
@@ -22,6 +21,8 @@ from pipelines.masks import (
     rle_encode,
     unlabelled_value,
 )
+from pipelines.stages import PREDICTED_SCHEMA, decode_images, encode_predictions
+from pipelines.workers import actor_resources
 
 
 @pytest.mark.parametrize("name", sorted(good_images()))

@@ -1,0 +1,124 @@
+"""The model stage of the labelling and evaluation pipelines: one way to load the model on an actor, one per-image
+fallback when a batch fails, and labelling's model UDF (:class:`SegmentationModel`).
+
+Evaluation's actors build their predictor through :class:`pipelines.evaluation.CatSegPredictorFactory`, which calls
+:func:`load_predictor` too, so both pipelines run the same Predictor settings (the Predictor's own class chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+import catseg
+
+from .masks import mask_dtype
+from .stages import PREDICTED_SCHEMA, describe_error
+
+Result = TypeVar("Result")
+
+
+def load_predictor(
+    model_uri: str, *, cpu_threads: int | None = None, precision: str = "float32", class_chunk: int | None = None
+) -> Any:
+    """A ``catseg.Predictor`` for ``model_uri`` (a released name, a checkpoint, an official .pth) on this worker.
+
+    ``cpu_threads`` caps torch's threads at the CPUs Ray gave the actor (torch would take every core of the node).
+    The device is CUDA when the actor got a GPU torch can use, otherwise the CPU (e.g. a fake GPU resource).
+    """
+    import torch
+
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    chunk = {} if class_chunk is None else {"class_chunk": class_chunk}
+    return catseg.Predictor(catseg.load_model(model_uri), precision=precision, **chunk)
+
+
+def predict_each(
+    predict_batch: Callable[[list[np.ndarray]], Sequence[Result]], images: list[np.ndarray]
+) -> list[Result | BaseException]:
+    """``predict_batch(images)``; when it fails (one bad image, memory), each image alone, so only the culprit
+    fails. Returns one result or exception per image."""
+    if not images:
+        return []
+    try:
+        results = list(predict_batch(images))
+        if len(results) != len(images):
+            raise RuntimeError(f"the predictor returned {len(results)} results for {len(images)} images")
+        return results
+    except Exception:
+        retried: list[Result | BaseException] = []
+        for image in images:
+            try:
+                [result] = predict_batch([image])
+                retried.append(result)
+            except Exception as err:
+                retried.append(err)
+        return retried
+
+
+class SegmentationModel:
+    """Model stage (one instance per actor): loads the checkpoint once, embeds the vocabulary once, then runs
+    the sliding-window protocol (:meth:`catseg.Predictor.predict_labels_batch`) on each batch.
+
+    The device is CUDA when the actor was given a GPU that torch can use, else CPU (e.g. a fake GPU resource).
+    """
+
+    def __init__(
+        self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None, precision: str = "float32"
+    ) -> None:
+        self.class_names = list(class_names)
+        self.mask_dtype = mask_dtype(len(self.class_names))
+        self.predictor = load_predictor(model_uri, cpu_threads=cpu_threads, precision=precision)
+        self.predictor.embed_classes(self.class_names)  # cached inside the Predictor for every batch
+
+    def device_info(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "device": str(self.predictor.device),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+            "cuda_available": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
+        errors = batch["error"].to_pylist()
+        todo = [i for i, error in enumerate(errors) if error is None]
+        pixel_column = batch["pixels"]
+        images = [
+            np.frombuffer(pixel_column[i].as_py(), dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in todo
+        ]
+        labels: list[bytes | None] = [None] * len(errors)
+        confidence: list[bytes | None] = [None] * len(errors)
+
+        def predict(batch_images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+            return self.predictor.predict_labels_batch(batch_images, self.class_names)
+
+        for i, result in zip(todo, predict_each(predict, images), strict=True):
+            if isinstance(result, BaseException):
+                errors[i] = describe_error("model", result)
+                continue
+            label_map, probability = result
+            if label_map.shape != (heights[i], widths[i]):
+                errors[i] = f"model: label map {label_map.shape} does not match the image {heights[i]}x{widths[i]}"
+                continue
+            labels[i] = label_map.astype(self.mask_dtype).tobytes()
+            confidence[i] = probability.astype(np.float32).tobytes()
+        return pa.table(
+            {
+                "image_id": batch["image_id"],
+                "source_uri": batch["source_uri"],
+                "width": batch["width"],
+                "height": batch["height"],
+                "labels": pa.array(labels, pa.large_binary()),
+                "confidence": pa.array(confidence, pa.large_binary()),
+                "error": pa.array(errors, pa.string()),
+            },
+            schema=PREDICTED_SCHEMA,
+        )
