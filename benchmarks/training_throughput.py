@@ -28,7 +28,8 @@ import ray
 import ray.train
 from PIL import Image
 
-from pipelines.datasets import COCO_STUFF_CLASSES, augment, decode_label
+from pipelines.augment import augment
+from pipelines.datasets import COCO_STUFF_CLASSES, decode_label
 from pipelines.images import decode_image
 from pipelines.training import FinetuneConfig, run_finetuning
 

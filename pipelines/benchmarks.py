@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import storage
+from pipelines.vocabulary import load_vocabulary, read_class_list
 
 IGNORE_ID = 65535
 BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
@@ -171,35 +172,11 @@ class EvaluationSet:
 # Class names
 
 
-def _validate_vocabulary(names: list[str]) -> list[str]:
-    # imported here: Ray workers that only read and decode files then start without importing torch
-    from catseg import validate_vocabulary
-
-    return validate_vocabulary(names)
-
-
 def builtin_class_names(benchmark: str) -> list[str]:
     """The class names CAT-Seg's evaluation gives the model for a benchmark (its datasets/<name>.json)."""
     if benchmark not in LAYOUTS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(LAYOUTS)}")
-    from pipelines.vocabulary import load_vocabulary  # imported here, like catseg above
-
     return list(load_vocabulary(preset=benchmark).names)  # the labelling presets are these lists
-
-
-def read_class_file(uri: str) -> list[str]:
-    """One class name per line (blank lines at the end are fine; lines starting with '#' are comments)."""
-    try:
-        text = storage.read_text(uri)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"class-names file not found: {uri}") from err
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-    if blank:
-        raise ValueError(f"{uri}: name #{blank[0]} is empty; the file needs one class name per line")
-    return _validate_vocabulary(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +234,7 @@ def _layout_set(layout: BenchmarkLayout, data: str, classes: str | None) -> Eval
     pairs = [(image_by_stem[_stem(uri)], uri) for uri in labels]
 
     builtin = builtin_class_names(layout.name)
-    vocabulary = read_class_file(classes) if classes else builtin
+    vocabulary = read_class_list(classes) if classes else builtin
     if layout.background_from is not None:
         if len(vocabulary) <= layout.background_from:
             raise ValueError(

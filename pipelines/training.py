@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import cluster, storage
+from pipelines.augment import resize_for_eval
 from pipelines.datasets import (
     LAYOUTS,
     SegmentationDataset,
@@ -46,7 +47,6 @@ from pipelines.datasets import (
     load_dataset,
     read_example,
     read_manifest,
-    resize_for_eval,
     training_pipeline,
 )
 from pipelines.metrics import compute_metrics

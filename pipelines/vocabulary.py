@@ -74,6 +74,25 @@ def parse_vocabulary_text(text: str, source: str = "text") -> tuple[str, ...]:
     return check_names([line for line in lines if line and not line.startswith("#")], source)
 
 
+def read_class_list(uri: str) -> list[str]:
+    """A class-names file whose line order gives the class ids (datasets, benchmarks): one name per line, lines
+    starting with '#' are comments, blank lines at the end are fine; a blank line inside is refused, since it would
+    shift every later id. (Vocabulary files for labelling, where order does not matter, go through
+    :func:`load_vocabulary`, which also reads JSON and skips blank lines.)"""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"class-names file not found: {uri}") from err
+    numbered = [(i + 1, line) for i, line in enumerate(text.lstrip("\ufeff").splitlines())]
+    numbered = [(n, line) for n, line in numbered if not line.lstrip().startswith("#")]
+    while numbered and not numbered[-1][1].strip():
+        numbered.pop()
+    blank = [n for n, line in numbered if not line.strip()]
+    if blank:
+        raise ValueError(f"{uri}: line {blank[0]} is empty; the file needs one class name per line (line order = id)")
+    return list(check_names([line for _, line in numbered], uri))
+
+
 def load_vocabulary(
     names: str | list[str] | None = None, *, file: str | None = None, preset: str | None = None
 ) -> Vocabulary:

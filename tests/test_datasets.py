@@ -20,6 +20,7 @@ from synthetic_data import (
 )
 
 from pipelines import storage
+from pipelines.augment import augment
 from pipelines.datasets import (
     ADE20K_CLASSES,
     COCO_STUFF_CLASSES,
@@ -27,7 +28,6 @@ from pipelines.datasets import (
     MismatchedPairError,
     SegmentationDataset,
     ade20k_dataset,
-    augment,
     check_files_exist,
     check_label_ids,
     cocostuff_dataset,
