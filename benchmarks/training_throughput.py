@@ -29,7 +29,7 @@ import ray.train
 from PIL import Image
 
 from pipelines.augment import augment
-from pipelines.datasets import COCO_STUFF_CLASSES, decode_label
+from pipelines.datasets import COCO_STUFF_CLASSES, decode_training_label
 from pipelines.images import decode_image
 from pipelines.training import FinetuneConfig, run_finetuning
 
@@ -69,7 +69,7 @@ def augmentation_ms_per_image(manifest: str, crop_size: int, repeats: int = 20) 
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for image_bytes, label_bytes in payloads:
-        augment(decode_image(image_bytes), decode_label(label_bytes), crop_size, rng)
+        augment(decode_image(image_bytes), decode_training_label(label_bytes), crop_size, rng)
     return (time.perf_counter() - start) / len(payloads) * 1000
 
 

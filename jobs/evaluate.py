@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from pipelines import cluster, storage
-    from pipelines.benchmarks import LabelIdError, load_benchmark
+    from pipelines.benchmarks import load_benchmark
     from pipelines.evaluation import (
         CatSegPredictorFactory,
         EvaluationConfig,
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         headline,
         write_report,
     )
+    from pipelines.images import LabelIdError
     from pipelines.models import resolve_model
 
     try:

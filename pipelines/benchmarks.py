@@ -29,43 +29,32 @@ VOC-20b: the model sees the 20 VOC names plus 39 PASCAL-Context names as backgro
 datasets/voc20b.json); every prediction of a background prompt (id >= 20) becomes class 20, "background", and
 the metric has 21 classes (CAT-Seg's ``VOCbEvaluator``).
 
-Decoded labels are uint16 class ids with :data:`IGNORE_ID` (65535) for ignored pixels, whatever the file stored.
+Decoded labels (:func:`pipelines.images.decode_label`) are uint16 class ids with IGNORE_ID (65535) for ignored
+pixels, whatever the file stored.
 """
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from pipelines import storage
+from pipelines.images import LABEL_ENCODINGS, LabelEncoding
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
-IGNORE_ID = 65535
 BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
 VOC_BACKGROUND = "background"
 
 
-class LabelIdError(ValueError):
-    """A label holds class ids the class list does not cover: the benchmark or the class file is wrong."""
-
-
-@dataclass(frozen=True)
-class LabelEncoding:
-    """How a label file stores class ids: ``class id = stored value + offset``; ``ignore_values`` are ignored."""
-
-    offset: int = 0
-    ignore_values: tuple[int, ...] = (255,)
-
-
 # The encodings the prepare scripts write (and the raw ADE20K one, whose 0 means "unlabelled").
-CLASS_IDS_255 = LabelEncoding(0, (255,))
-ADE20K_RAW = LabelEncoding(-1, (0,))
-ADE20K_FULL = LabelEncoding(0, (65535,))
-PASCAL_CONTEXT_459 = LabelEncoding(0, (459,))
+CLASS_IDS_255 = LABEL_ENCODINGS["class_ids"]
+ADE20K_RAW = LABEL_ENCODINGS["ade20k_raw"]
+ADE20K_FULL = LABEL_ENCODINGS["ade20k_full"]
+PASCAL_CONTEXT_459 = LABEL_ENCODINGS["pascal_context_459"]
+BENCHMARK_LIMIT = "the benchmark has {n} classes"
+BENCHMARK_FIX = "wrong --benchmark, wrong --classes file, or labels not converted by the CAT-Seg prepare script"
 
 
 @dataclass(frozen=True)
@@ -283,40 +272,6 @@ def _manifest_set(manifest_uri: str, classes_uri: str) -> EvaluationSet:
 
 def _stem(uri: str) -> str:
     return posixpath.splitext(posixpath.basename(uri))[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Labels
-
-
-def decode_label(data: bytes, encoding: LabelEncoding) -> np.ndarray:
-    """Label file bytes (8/16/32-bit single-channel PNG or TIFF) -> H x W uint16 class ids, IGNORE_ID = ignored.
-
-    A stored value that is not ignored but gives no valid id after the offset (negative, or too large for uint16)
-    becomes ``IGNORE_ID - 1``, an id no benchmark has, so that :func:`check_label_ids` refuses it.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N"):
-            raise ValueError(f"labels must be single-channel class ids, got a {image.mode} image")
-        stored = np.asarray(image).astype(np.int64)
-    if stored.ndim != 2:
-        raise ValueError(f"labels must be 2-D, got shape {stored.shape}")
-    ids = stored + encoding.offset
-    ignored = np.isin(stored, encoding.ignore_values)
-    ids = np.where((ids < 0) | (ids >= IGNORE_ID), IGNORE_ID - 1, ids)
-    return np.where(ignored, IGNORE_ID, ids).astype(np.uint16)
-
-
-def check_label_ids(label: np.ndarray, num_classes: int, uri: str) -> None:
-    """Raise :class:`LabelIdError` if ``label`` holds ids outside 0..num_classes-1 other than IGNORE_ID."""
-    ids = np.unique(label)
-    bad = ids[(ids >= num_classes) & (ids != IGNORE_ID)]
-    if bad.size:
-        raise LabelIdError(
-            f"label {uri} holds class id(s) {bad.tolist()[:5]} but the benchmark has {num_classes} classes "
-            f"(ids 0..{num_classes - 1}): wrong --benchmark, wrong --classes file, or labels not converted by the "
-            "CAT-Seg prepare script"
-        )
 
 
 def map_background(predictions: np.ndarray, background_from: int | None) -> np.ndarray:

@@ -20,7 +20,6 @@ Every URI may be a local path or any fsspec URI (s3://, gs://, ...).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
 from collections.abc import Sequence
@@ -32,11 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.dataset
-from PIL import Image
 
 from pipelines import storage
 from pipelines.augment import augment
-from pipelines.images import ImageDecodeError, decode_image
+from pipelines.images import IGNORE_ID, ImageDecodeError, check_label_ids, decode_image, decode_label
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
 logger = logging.getLogger(__name__)
@@ -44,10 +42,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 LAYOUTS = ("cocostuff", "ade20k", "manifest")
 Layout = Literal["cocostuff", "ade20k", "manifest"]
-# How label PNG values map to class ids:
-#   "class_ids": values are class ids already (255 = ignore)
-#   "coco_stuff_raw": COCO-Stuff stuffthingmaps, COCO category ids 0..181 with gaps
-#   "ade20k_raw": ADE20K annotations, 0 = unlabelled and class k stored as k + 1
+# Training datasets name their label encoding (pipelines.images.LABEL_ENCODINGS): "class_ids" (255 = ignore),
+# "coco_stuff_raw" (COCO-Stuff stuffthingmaps), "ade20k_raw" (ADE20K annotations, 0 = unlabelled).
 LabelEncoding = Literal["class_ids", "coco_stuff_raw", "ade20k_raw"]
 LABEL_SUFFIXES = (".png",)
 MANIFEST_COLUMNS = ("image_uri", "label_uri")
@@ -57,22 +53,6 @@ VAL_SPLIT_NAMES = ("val", "validation")
 # Class lists in CAT-Seg's order (its datasets/coco.json, ade150.json); train id = position. One copy: the presets.
 COCO_STUFF_CLASSES = list(load_vocabulary(preset="cocostuff171").names)
 ADE20K_CLASSES = list(load_vocabulary(preset="ade150").names)
-# COCO category ids that the stuffthingmaps never use (retired COCO thing ids, and 90 between things and stuff).
-_COCO_UNUSED_IDS = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}
-
-
-def _coco_stuff_lookup() -> np.ndarray:
-    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    used = [i for i in range(182) if i not in _COCO_UNUSED_IDS]
-    lookup[used] = np.arange(len(used), dtype=np.uint8)
-    return lookup
-
-
-def _ade20k_lookup() -> np.ndarray:
-    return (np.arange(256) - 1).astype(np.uint8)  # 0 -> 255 by wrap-around, as the prepare script does
-
-
-_LABEL_LOOKUPS = {"coco_stuff_raw": _coco_stuff_lookup(), "ade20k_raw": _ade20k_lookup()}
 
 
 class SplitNotFoundError(FileNotFoundError):
@@ -285,7 +265,7 @@ def check_files_exist(dataset: SegmentationDataset, max_listed: int = 3) -> None
         )
 
 
-def check_label_ids(dataset: SegmentationDataset, sample_size: int = 32, threads: int = 8) -> None:
+def check_dataset_label_ids(dataset: SegmentationDataset, sample_size: int = 32, threads: int = 8) -> None:
     """Decode up to ``sample_size`` evenly spaced label files; refuse ids the class list does not cover."""
     if not dataset.pairs:
         raise ValueError(f"{dataset.layout}: the dataset is empty")
@@ -294,40 +274,24 @@ def check_label_ids(dataset: SegmentationDataset, sample_size: int = 32, threads
     uris = [dataset.pairs[i][1] for i in sorted(set(indices.tolist()))]
     with ThreadPoolExecutor(threads) as pool:
         labels = list(pool.map(lambda uri: decode_label(storage.read_bytes(uri), dataset.label_encoding), uris))
-    num_classes = len(dataset.class_names)
     for uri, label in zip(uris, labels, strict=True):
-        _check_ids(label, num_classes, uri)
+        _check_training_ids(label, len(dataset.class_names), uri)
 
 
-def _check_ids(label: np.ndarray, num_classes: int, uri: str) -> None:
-    ids = np.unique(label)
-    bad = ids[(ids >= num_classes) & (ids != IGNORE_INDEX)]
-    if bad.size:
-        raise ValueError(
-            f"label {uri} holds class id(s) {bad.tolist()[:5]} but the class list has {num_classes} names "
-            f"(ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore): the class-names file does not match the labels"
-        )
+def _check_training_ids(label: np.ndarray, num_classes: int, uri: str) -> None:
+    check_label_ids(label, num_classes, uri, fix="the class-names file does not match the labels")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
+def training_label(label: np.ndarray) -> np.ndarray:
+    """A decoded label (uint16, IGNORE_ID) as training batches carry it: uint8 class ids, 255 = ignore (the
+    loss's ignore index). Class lists for training have at most 255 names (:func:`read_class_names`)."""
+    return np.where(label == IGNORE_ID, IGNORE_INDEX, label).astype(np.uint8)
 
 
-def decode_label(data: bytes, encoding: LabelEncoding = "class_ids") -> np.ndarray:
-    """Label PNG bytes -> H x W uint8 class ids, 255 = ignore."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("L", "P", "I", "I;16", "I;16B"):
-            raise ValueError(f"label PNGs must be single-channel class ids, got mode {image.mode}")
-        label = np.asarray(image)
-    if label.dtype != np.uint8:
-        if label.max(initial=0) > IGNORE_INDEX:
-            raise ValueError(f"label holds id {int(label.max())}; ids above {IGNORE_INDEX} cannot be represented")
-        label = label.astype(np.uint8)
-    if encoding == "class_ids":
-        return label
-    if encoding not in _LABEL_LOOKUPS:
-        raise ValueError(f"unknown label encoding {encoding!r}; choose one of {['class_ids', *_LABEL_LOOKUPS]}")
-    return _LABEL_LOOKUPS[encoding][label]
+def decode_training_label(data: bytes, encoding: LabelEncoding = "class_ids") -> np.ndarray:
+    """Label file bytes -> H x W uint8 class ids, 255 = ignore (:func:`pipelines.images.decode_label`, then
+    :func:`training_label`)."""
+    return training_label(decode_label(data, encoding))
 
 
 class MismatchedPairError(ValueError):
@@ -348,8 +312,8 @@ def read_example(
             f"{image_uri} is {image.shape[1]}x{image.shape[0]} (after EXIF orientation) but its label {label_uri} "
             f"is {label.shape[1]}x{label.shape[0]}; a label must cover the image as displayed"
         )
-    _check_ids(label, num_classes, label_uri)
-    return image, label
+    _check_training_ids(label, num_classes, label_uri)
+    return image, training_label(label)
 
 
 def load_training_batch(

@@ -10,7 +10,7 @@
 The model stage is injectable: :func:`evaluate` takes a ``predictor_factory``, called once per actor, that
 returns a :data:`LabelPredictor` (images, class names -> label maps). :class:`CatSegPredictorFactory` is the real
 one; tests pass an oracle. A corrupt image or label becomes a counted error row; a label id outside the class
-list stops the run with :class:`pipelines.benchmarks.LabelIdError` (the benchmark or class file is wrong).
+list stops the run with :class:`pipelines.images.LabelIdError` (the benchmark or class file is wrong).
 
 Metric (detectron2 ``SemSegEvaluator`` as CAT-Seg runs it: detectron2 main since commit f3c1bc19, 2022-07-06),
 over the confusion matrix C summed over all images, C[g, p] = pixels of ground-truth class g predicted as p,
@@ -44,15 +44,8 @@ import ray
 
 import catseg
 from pipelines import cluster, storage
-from pipelines.benchmarks import (
-    EvaluationSet,
-    LabelEncoding,
-    LabelIdError,
-    check_label_ids,
-    decode_label,
-    map_background,
-)
-from pipelines.images import decode_image
+from pipelines.benchmarks import BENCHMARK_FIX, BENCHMARK_LIMIT, EvaluationSet, map_background
+from pipelines.images import LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
 from pipelines.metrics import (
     SegmentationMetrics,
     add_sparse_confusion,
@@ -204,7 +197,7 @@ def read_pair(
         raise ValueError(
             f"label is {label.shape[1]}x{label.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}"
         )
-    check_label_ids(label, num_classes, label_uri)
+    check_label_ids(label, num_classes, label_uri, limit=BENCHMARK_LIMIT, fix=BENCHMARK_FIX)
     return image, label
 
 
@@ -441,7 +434,7 @@ def _check_first_label(evaluation_set: EvaluationSet) -> None:
     except Exception as err:  # an unreadable first file is counted later like any other
         logger.warning("cannot pre-check %s: %s", uri, err)
         return
-    check_label_ids(label, evaluation_set.num_classes, uri)
+    check_label_ids(label, evaluation_set.num_classes, uri, limit=BENCHMARK_LIMIT, fix=BENCHMARK_FIX)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from pipelines.datasets import (
     LAYOUTS,
     SegmentationDataset,
     SplitNotFoundError,
+    check_dataset_label_ids,
     check_files_exist,
-    check_label_ids,
     holdout_split,
     load_dataset,
     read_example,
@@ -160,7 +160,7 @@ def prepare_datasets(config: FinetuneConfig) -> tuple[SegmentationDataset, Segme
         val = val.subset(sorted(set(keep.tolist())))
     for dataset in (train, val) if val is not None else (train,):
         check_files_exist(dataset)
-        check_label_ids(dataset)
+        check_dataset_label_ids(dataset)
     global_batch = config.num_workers * config.batch_size_per_worker
     if len(train) < global_batch:
         raise ValueError(

@@ -28,10 +28,10 @@ from pipelines.datasets import (
     MismatchedPairError,
     SegmentationDataset,
     ade20k_dataset,
+    check_dataset_label_ids,
     check_files_exist,
-    check_label_ids,
     cocostuff_dataset,
-    decode_label,
+    decode_training_label,
     holdout_split,
     load_dataset,
     load_training_batch,
@@ -59,14 +59,14 @@ def test_class_lists_match_the_reference():
 
 def test_coco_stuff_raw_ids_map_to_171_train_ids():
     raw = np.array([[0, 11, 12, 89], [90, 91, 181, 255]], dtype=np.uint8)
-    decoded = decode_label(encode_png(raw), "coco_stuff_raw")
+    decoded = decode_training_label(encode_png(raw), "coco_stuff_raw")
     # 11 and 90 are unused COCO ids -> ignore; 12 (stop sign) is train id 11; 91 (banner) 80; 181 (wood) 170
     np.testing.assert_array_equal(decoded, [[0, 255, 11, 79], [255, 80, 170, 255]])
 
 
 def test_ade20k_labels_shift_down_and_zero_becomes_ignore():
     raw = np.array([[0, 1, 150]], dtype=np.uint8)
-    np.testing.assert_array_equal(decode_label(encode_png(raw), "ade20k_raw"), [[255, 0, 149]])
+    np.testing.assert_array_equal(decode_training_label(encode_png(raw), "ade20k_raw"), [[255, 0, 149]])
 
 
 def test_cocostuff_layout_is_read_from_s3(s3_bucket):
@@ -77,10 +77,10 @@ def test_cocostuff_layout_is_read_from_s3(s3_bucket):
     image_uri, label_uri = dataset.pairs[0]
     assert image_uri == f"{root}/images/train2017/000000000001.jpg"
     assert label_uri == f"{root}/annotations/train2017/000000000001.png"
-    label = decode_label(storage.read_bytes(label_uri), dataset.label_encoding)
+    label = decode_training_label(storage.read_bytes(label_uri), dataset.label_encoding)
     expected = np.vectorize(lambda v: COCO_TRAIN_IDS.get(int(v), IGNORE_INDEX))(_scene_label(0, 0))
     np.testing.assert_array_equal(label, expected)
-    check_label_ids(dataset)
+    check_dataset_label_ids(dataset)
     assert len(load_dataset("cocostuff", root, "val2017")) == 2
 
 
@@ -102,7 +102,7 @@ def test_ade20k_layout_is_read_from_s3(s3_bucket):
     dataset = ade20k_dataset(root, "training")  # the parent of ADEChallengeData2016 works too
     assert len(dataset) == 3 and dataset.class_names == ADE20K_CLASSES
     assert dataset.pairs[0][0].endswith("ADEChallengeData2016/images/training/ADE_train_00000001.jpg")
-    label = decode_label(storage.read_bytes(dataset.pairs[0][1]), dataset.label_encoding)
+    label = decode_training_label(storage.read_bytes(dataset.pairs[0][1]), dataset.label_encoding)
     np.testing.assert_array_equal(label, _scene_label(0, 0))  # class k stored as k + 1, border 0 -> 255
     assert len(ade20k_dataset(f"{root}/ADEChallengeData2016", "validation")) == 2
 
@@ -117,10 +117,10 @@ def test_manifest_layout_is_read_from_s3_as_parquet_and_csv(s3_bucket):
         val = load_dataset("manifest", manifest, "validation", classes)
         assert (len(everything), len(train), len(val)) == (7, 5, 2)
         assert train.class_names == CLASS_NAMES
-        label = decode_label(storage.read_bytes(val.pairs[1][1]))
+        label = decode_training_label(storage.read_bytes(val.pairs[1][1]))
         np.testing.assert_array_equal(label, _scene_label(1, 1))
         check_files_exist(everything)
-        check_label_ids(everything)
+        check_dataset_label_ids(everything)
 
 
 def test_manifest_relative_uris_resolve_against_its_folder(s3_bucket):
@@ -242,7 +242,7 @@ def test_class_names_that_do_not_cover_label_ids_are_refused(s3_bucket):
     storage.write_text(two_names, "red square\ngreen disc\n")
     dataset = manifest_dataset(manifest, two_names)
     with pytest.raises(ValueError, match=r"class id\(s\) \[2\] but the class list has 2 names"):
-        check_label_ids(dataset)
+        check_dataset_label_ids(dataset)
 
 
 def test_bad_class_files_are_refused(s3_bucket):
@@ -271,4 +271,4 @@ def test_rgb_label_png_is_refused():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     with pytest.raises(ValueError, match="single-channel"):
-        decode_label(buffer.getvalue())
+        decode_training_label(buffer.getvalue())

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.benchmarks import IGNORE_ID, map_background
+from pipelines.benchmarks import map_background
+from pipelines.images import IGNORE_ID
 from pipelines.metrics import (
     add_sparse_confusion,
     compute_metrics,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.benchmarks import LabelIdError, load_benchmark
+from pipelines.benchmarks import load_benchmark
 from pipelines.evaluation import (
     ConfusionStage,
     EvaluationConfig,
@@ -18,6 +18,7 @@ from pipelines.evaluation import (
     evaluate,
     read_pairs,
 )
+from pipelines.images import LabelIdError
 from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_checkpoint
 
