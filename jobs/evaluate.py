@@ -16,7 +16,7 @@ import math
 import sys
 
 from jobs.options import add_model_actor_options
-from pipelines.benchmarks import BENCHMARKS
+from pipelines.evaluation_sets import BENCHMARKS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,16 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from pipelines import cluster, storage
-    from pipelines.benchmarks import load_benchmark
     from pipelines.evaluation import (
-        CatSegPredictorFactory,
         EvaluationConfig,
         evaluate,
         format_table,
         headline,
         write_report,
     )
+    from pipelines.evaluation_sets import load_benchmark
     from pipelines.images import LabelIdError
+    from pipelines.model_stage import CatSegPredictorFactory
     from pipelines.models import resolve_model
 
     try:

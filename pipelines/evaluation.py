@@ -11,19 +11,7 @@ The model stage is injectable: :func:`evaluate` takes a ``predictor_factory``, c
 returns a :data:`LabelPredictor` (images, class names -> label maps). :class:`CatSegPredictorFactory` is the real
 one; tests pass an oracle. A corrupt image or label becomes a counted error row; a label id outside the class
 list stops the run with :class:`pipelines.images.LabelIdError` (the benchmark or class file is wrong).
-
-Metric (detectron2 ``SemSegEvaluator`` as CAT-Seg runs it: detectron2 main since commit f3c1bc19, 2022-07-06),
-over the confusion matrix C summed over all images, C[g, p] = pixels of ground-truth class g predicted as p,
-ignored pixels left out:
-    TP_k = C[k, k]; GT_k = sum_p C[k, p]; PRED_k = sum_g C[g, k]; IoU_k = TP_k / (GT_k + PRED_k - TP_k)
-    mIoU = mean of IoU_k over the classes with GT_k > 0 (``iou_valid = acc_valid & (union > 0)``): a class that
-           never occurs in the ground truth is left out of the mean and reported as null, even when it was
-           predicted (its false positives still lower the IoU of the classes whose pixels it took).
-    pixel accuracy = sum_k TP_k / sum_k GT_k; mean accuracy = mean of TP_k / GT_k over GT_k > 0;
-    fwIoU = sum_k IoU_k * GT_k / sum GT over GT_k > 0.
-detectron2 v0.6 (and the unused copy in CAT-Seg's plain_train_net.py) divided by the number of classes with
-GT_k + PRED_k > 0 instead, i.e. counted a predicted-but-absent class as IoU 0; the numbers differ only when such
-classes exist. :func:`compute_metrics` implements the main-branch definition.
+The metric is :mod:`pipelines.metrics` (detectron2's SemSegEvaluator, as CAT-Seg runs it).
 """
 
 from __future__ import annotations
@@ -32,8 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,10 +29,17 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-import catseg
 from pipelines import cluster, storage
-from pipelines.benchmarks import BENCHMARK_FIX, BENCHMARK_LIMIT, EvaluationSet, map_background
-from pipelines.images import LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
+from pipelines.evaluation_sets import (
+    BENCHMARK_FIX,
+    BENCHMARK_LIMIT,
+    PAIR_SCHEMA,
+    READ_THREADS,
+    EvaluationSet,
+    map_background,
+    read_pairs,
+)
+from pipelines.images import LabelIdError, check_label_ids, decode_label
 from pipelines.metrics import (
     SegmentationMetrics,
     add_sparse_confusion,
@@ -53,31 +47,14 @@ from pipelines.metrics import (
     confusion_matrix,
     encode_sparse_confusion,
 )
-from pipelines.model_stage import load_predictor, predict_each
+from pipelines.model_stage import PredictorFactory, predict_each
+from pipelines.stages import describe_error
 from pipelines.workers import ModelActors
 
 logger = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # fetching and decoding is mostly waiting on storage: several read tasks share a core
-READ_THREADS = 8  # concurrent object-store GETs per read task
 
-LabelPredictor = Callable[[list[np.ndarray], list[str]], list[np.ndarray]]
-"""(images H x W x 3 uint8, class names) -> one H x W integer label map per image (ids index the names)."""
-PredictorFactory = Callable[[], LabelPredictor]
-"""Called once per model actor, on the worker: loads the model and returns its :data:`LabelPredictor`."""
-
-PAIR_SCHEMA = pa.schema([("image_uri", pa.string()), ("label_uri", pa.string())])
-READ_SCHEMA = pa.schema(
-    [
-        *PAIR_SCHEMA,
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
-        pa.field("label", pa.large_binary()),  # H x W uint16 class ids, IGNORE_ID = ignored
-        pa.field("error", pa.string()),
-        pa.field("fatal", pa.bool_()),  # the error is the configuration's, not the file's: stop the run
-    ]
-)
 RESULT_SCHEMA = pa.schema(
     [
         *PAIR_SCHEMA,
@@ -91,36 +68,6 @@ RESULT_SCHEMA = pa.schema(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model stage
-
-
-class CatSegPredictorFactory:
-    """The real model stage: loads a CAT-Seg checkpoint on the actor and predicts with the paper's protocol
-    (:meth:`catseg.Predictor.predict_labels_batch`: 640 x 640 resize, 4 crops + global view, original size).
-
-    The device is CUDA when the actor got a GPU torch can use, otherwise the CPU (e.g. a fake GPU resource).
-    """
-
-    def __init__(
-        self, model_uri: str, cpu_threads: int | None = None, class_chunk: int | None = None, precision: str = "float32"
-    ) -> None:
-        self.model_uri = model_uri
-        self.cpu_threads = cpu_threads
-        self.class_chunk = class_chunk or catseg.Predictor.DEFAULT_CLASS_CHUNK  # labelling's too
-        self.precision = precision
-
-    def settings(self) -> dict[str, Any]:
-        """What the report records about how the model ran (results differ slightly across precisions)."""
-        return {"precision": self.precision, "class_chunk": self.class_chunk, "cpu_threads": self.cpu_threads}
-
-    def __call__(self) -> LabelPredictor:
-        predictor = load_predictor(
-            self.model_uri, cpu_threads=self.cpu_threads, precision=self.precision, class_chunk=self.class_chunk
-        )
-
-        def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:
-            return [labels for labels, _ in predictor.predict_labels_batch(images, class_names)]
-
-        return predict
 
 
 class ConfusionStage:
@@ -152,7 +99,7 @@ class ConfusionStage:
 
         for i, prediction in zip(todo, predict_each(predict, images), strict=True):
             if isinstance(prediction, BaseException):
-                errors[i] = _describe_error("model", prediction)
+                errors[i] = describe_error("model", prediction)
                 continue
             label = np.frombuffer(labels[i].as_py(), np.uint16).reshape(heights[i], widths[i])
             try:
@@ -161,7 +108,7 @@ class ConfusionStage:
                     raise ValueError(f"prediction ids outside the {len(self.vocabulary)}-name vocabulary")
                 matrix = confusion_matrix(label, map_background(prediction, self.background_from), self.num_classes)
             except ValueError as err:
-                errors[i] = _describe_error("metric", err)
+                errors[i] = describe_error("metric", err)
                 continue
             counted[i] = int(matrix.sum())
             confusion[i] = encode_sparse_confusion(matrix)
@@ -176,68 +123,6 @@ class ConfusionStage:
             },
             schema=RESULT_SCHEMA,
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Read stage
-
-
-def _describe_error(stage: str, err: BaseException) -> str:
-    return f"{stage}: {type(err).__name__}: {err}".replace("\n", " ")[:1000]
-
-
-def read_pair(
-    image_uri: str, label_uri: str, encoding: LabelEncoding, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fetch and decode one pair: (H x W x 3 uint8 image, H x W uint16 label). Raises LabelIdError for label ids
-    beyond the class list, other exceptions for unreadable files."""
-    image = decode_image(storage.read_bytes(image_uri))
-    label = decode_label(storage.read_bytes(label_uri), encoding)
-    if label.shape != image.shape[:2]:
-        raise ValueError(
-            f"label is {label.shape[1]}x{label.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}"
-        )
-    check_label_ids(label, num_classes, label_uri, limit=BENCHMARK_LIMIT, fix=BENCHMARK_FIX)
-    return image, label
-
-
-def read_pairs(
-    batch: pa.Table, encoding: LabelEncoding, num_classes: int, read_threads: int = READ_THREADS
-) -> pa.Table:
-    """Ray Data UDF: rows of URIs -> decoded pixels and labels; a bad file becomes an error row."""
-
-    def load(pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray] | BaseException:
-        try:
-            return read_pair(pair[0], pair[1], encoding, num_classes)
-        except Exception as err:  # each storage backend and decoder raises its own types; the row says why
-            return err
-
-    pairs = list(zip(batch["image_uri"].to_pylist(), batch["label_uri"].to_pylist(), strict=True))
-    with ThreadPoolExecutor(max(1, min(read_threads, len(pairs)))) as pool:
-        loaded = list(pool.map(load, pairs))
-    columns: dict[str, list[Any]] = {k: [] for k in ("width", "height", "pixels", "label", "error", "fatal")}
-    for result in loaded:
-        ok = not isinstance(result, BaseException)
-        columns["width"].append(result[0].shape[1] if ok else None)
-        columns["height"].append(result[0].shape[0] if ok else None)
-        columns["pixels"].append(result[0].tobytes() if ok else None)
-        columns["label"].append(result[1].tobytes() if ok else None)
-        fatal = isinstance(result, LabelIdError)
-        columns["error"].append(None if ok else str(result) if fatal else _describe_error("read", result))
-        columns["fatal"].append(fatal)
-    return pa.table(
-        {
-            "image_uri": batch["image_uri"],
-            "label_uri": batch["label_uri"],
-            "width": pa.array(columns["width"], pa.int32()),
-            "height": pa.array(columns["height"], pa.int32()),
-            "pixels": pa.array(columns["pixels"], pa.large_binary()),
-            "label": pa.array(columns["label"], pa.large_binary()),
-            "error": pa.array(columns["error"], pa.string()),
-            "fatal": pa.array(columns["fatal"], pa.bool_()),
-        },
-        schema=READ_SCHEMA,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,19 @@ The definitions are detectron2's current ``SemSegEvaluator`` (as CAT-Seg reports
 confusion matrix summed across images, ignored pixels left out, and classes without ground-truth pixels left out of
 every mean (a class only predicted does not count). Fine-tuning's ``val_miou`` and ``jobs.evaluate`` therefore agree
 on the same predictions.
+
+Metric (detectron2 ``SemSegEvaluator`` as CAT-Seg runs it: detectron2 main since commit f3c1bc19, 2022-07-06),
+over the confusion matrix C summed over all images, C[g, p] = pixels of ground-truth class g predicted as p,
+ignored pixels left out:
+    TP_k = C[k, k]; GT_k = sum_p C[k, p]; PRED_k = sum_g C[g, k]; IoU_k = TP_k / (GT_k + PRED_k - TP_k)
+    mIoU = mean of IoU_k over the classes with GT_k > 0 (``iou_valid = acc_valid & (union > 0)``): a class that
+           never occurs in the ground truth is left out of the mean and reported as null, even when it was
+           predicted (its false positives still lower the IoU of the classes whose pixels it took).
+    pixel accuracy = sum_k TP_k / sum_k GT_k; mean accuracy = mean of TP_k / GT_k over GT_k > 0;
+    fwIoU = sum_k IoU_k * GT_k / sum GT over GT_k > 0.
+detectron2 v0.6 (and the unused copy in CAT-Seg's plain_train_net.py) divided by the number of classes with
+GT_k + PRED_k > 0 instead, i.e. counted a predicted-but-absent class as IoU 0; the numbers differ only when such
+classes exist. :func:`compute_metrics` implements the main-branch definition.
 """
 
 from __future__ import annotations

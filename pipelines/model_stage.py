@@ -1,8 +1,8 @@
 """The model stage of the labelling and evaluation pipelines: one way to load the model on an actor, one per-image
 fallback when a batch fails, and labelling's model UDF (:class:`SegmentationModel`).
 
-Evaluation's actors build their predictor through :class:`pipelines.evaluation.CatSegPredictorFactory`, which calls
-:func:`load_predictor` too, so both pipelines run the same Predictor settings (the Predictor's own class chunk).
+Evaluation's actors build their predictor through :class:`CatSegPredictorFactory`, which calls :func:`load_predictor`
+too, so both pipelines run the same Predictor settings (the Predictor's own class chunk).
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from .masks import mask_dtype
 from .stages import PREDICTED_SCHEMA, describe_error
 
 Result = TypeVar("Result")
+
+LabelPredictor = Callable[[list[np.ndarray], list[str]], list[np.ndarray]]
+"""(images H x W x 3 uint8, class names) -> one H x W integer label map per image (ids index the names)."""
+PredictorFactory = Callable[[], LabelPredictor]
+"""Called once per model actor, on the worker: loads the model and returns its :data:`LabelPredictor`."""
 
 
 def load_predictor(
@@ -122,3 +127,33 @@ class SegmentationModel:
             },
             schema=PREDICTED_SCHEMA,
         )
+
+
+class CatSegPredictorFactory:
+    """The real model stage: loads a CAT-Seg checkpoint on the actor and predicts with the paper's protocol
+    (:meth:`catseg.Predictor.predict_labels_batch`: 640 x 640 resize, 4 crops + global view, original size).
+
+    The device is CUDA when the actor got a GPU torch can use, otherwise the CPU (e.g. a fake GPU resource).
+    """
+
+    def __init__(
+        self, model_uri: str, cpu_threads: int | None = None, class_chunk: int | None = None, precision: str = "float32"
+    ) -> None:
+        self.model_uri = model_uri
+        self.cpu_threads = cpu_threads
+        self.class_chunk = class_chunk or catseg.Predictor.DEFAULT_CLASS_CHUNK  # labelling's too
+        self.precision = precision
+
+    def settings(self) -> dict[str, Any]:
+        """What the report records about how the model ran (results differ slightly across precisions)."""
+        return {"precision": self.precision, "class_chunk": self.class_chunk, "cpu_threads": self.cpu_threads}
+
+    def __call__(self) -> LabelPredictor:
+        predictor = load_predictor(
+            self.model_uri, cpu_threads=self.cpu_threads, precision=self.precision, class_chunk=self.class_chunk
+        )
+
+        def predict(images: list[np.ndarray], class_names: list[str]) -> list[np.ndarray]:
+            return [labels for labels, _ in predictor.predict_labels_batch(images, class_names)]
+
+        return predict

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from . import storage
 
-STEP_DIR = re.compile(r"^step_(\d+)$")  # pipelines.training writes RUN/step_NNNNNNNN/model/
+# A fine-tuning run writes RUN/step_NNNNNNNN/model/ (pipelines.checkpoints)
+CHECKPOINT_PREFIX = "step_"
 MODEL_DIR = "model"
+STEP_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 @dataclass(frozen=True)

@@ -5,24 +5,17 @@ trainer; :func:`train_loop_per_worker` is the training loop every worker runs, w
 nanoGPT's train.py: config, data, model, optimizer, resume, loop (forward, loss, backward, clip, step),
 evaluation, checkpoint. Ray adds ``prepare_model``, the dataset shard and ``ray.train.report``.
 
-A checkpoint is a directory ``STORAGE/RUN_NAME/step_NNNNNNNN/`` with
-    model/config.json, model/model.safetensors   catseg.save_model format, loadable by catseg.load_model
-    training_state.pt                           optimizer, scheduler, step, per-rank RNG state: tensors and
-                                                 primitives only, read back with torch.load(weights_only=True)
-    progress.json                               step and last metrics, for people and scripts
-Re-running with the same storage path and run name resumes from the latest one; FailureConfig(max_failures)
-restarts the worker group from it after a worker dies.
+Checkpoints (layout, writing, resume) are in :mod:`pipelines.checkpoints`, validation in
+:mod:`pipelines.validation`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,12 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
-from pipelines import cluster, storage
-from pipelines.augment import resize_for_eval
+from pipelines import storage
+from pipelines.checkpoints import (
+    MODEL_DIR,
+    load_training_state,
+    report_with_checkpoint,
+)
 from pipelines.datasets import (
     LAYOUTS,
     SegmentationDataset,
@@ -45,20 +41,13 @@ from pipelines.datasets import (
     check_files_exist,
     holdout_split,
     load_dataset,
-    read_example,
     read_manifest,
     training_pipeline,
 )
-from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_model
-from pipelines.workers import cpu_worker_runtime_env
+from pipelines.validation import evaluate_miou, load_eval_examples
+from pipelines.workers import cpu_worker_runtime_env, plan_training_worker_cpus
 
-MODEL_DIR = "model"
-DATA_PIPELINE_CPUS = 1.0  # load_training_batch tasks take 1 CPU (datasets.training_pipeline)
-MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
-TRAINING_STATE_FILE = "training_state.pt"
-PROGRESS_FILE = "progress.json"
-CHECKPOINT_PREFIX = "step_"
 # Layout -> (training split, validation split) folder names.
 logger = logging.getLogger(__name__)  # in Ray Train workers the root logger reaches the driver (print shows twice)
 LAYOUT_SPLITS = {
@@ -203,7 +192,7 @@ def run_finetuning(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train, val = datasets if datasets is not None else check_inputs(config)
-    worker_cpus = plan_worker_cpus(config)
+    worker_cpus = plan_training_worker_cpus(config.num_workers, config.cpus_per_worker, config.use_gpu)
     loop_config = {
         **dataclasses.asdict(config),
         "class_names": train.class_names,
@@ -230,93 +219,6 @@ def run_finetuning(
         datasets={"train": training_pipeline(train, config.crop_size)},
     )
     return trainer.fit()
-
-
-def plan_worker_cpus(config: FinetuneConfig) -> float:
-    """CPUs per training worker, so that the workers and the data pipeline can all run.
-
-    The data pipeline (shuffle, then read/decode/augment tasks of 1 CPU each) needs a CPU of its own: workers
-    that take every CPU of a cluster that cannot grow wait for batches forever. The default is 1 CPU per worker,
-    lowered on such a cluster to share what the data pipeline leaves (2 workers on 2 CPUs: 0.5 each); explicit
-    numbers that leave the pipeline nothing are refused. A cluster with an autoscaler keeps the numbers given.
-    """
-    gpus = 1.0 if config.use_gpu else 0.0
-    total = cluster.total_cpus()
-    free = total - DATA_PIPELINE_CPUS
-    if config.cpus_per_worker is not None:
-        cpus = config.cpus_per_worker
-        if not cluster.can_grow() and config.num_workers * cpus > free:
-            raise cluster.UnschedulableError(
-                f"--num-workers {config.num_workers} x --cpus-per-worker {cpus:g} take "
-                f"{config.num_workers * cpus:g} of this Ray cluster's {total:g} CPUs and leave the data pipeline "
-                f"less than the {DATA_PIPELINE_CPUS:g} it needs: lower --cpus-per-worker (at most "
-                f"{max(free, 0) / config.num_workers:.2f}) or --num-workers, or leave --cpus-per-worker unset"
-            )
-    elif cluster.can_grow() or free >= config.num_workers:
-        cpus = 1.0
-    else:
-        cpus = math.floor(100 * max(free, 0) / config.num_workers) / 100
-        if cpus < MIN_WORKER_CPUS:
-            raise cluster.UnschedulableError(
-                f"{config.num_workers} training workers cannot share the {max(free, 0):g} CPUs that this Ray "
-                f"cluster's {total:g} leave beside the data pipeline: lower --num-workers"
-            )
-        print(  # the job's own log: a default chosen for this machine is said, not hidden
-            f"{config.num_workers} training workers x {cpus:g} CPU: {DATA_PIPELINE_CPUS:g} of this cluster's "
-            f"{total:g} CPUs stay with the data pipeline (--cpus-per-worker sets it)",
-            flush=True,
-        )
-    what = f"a training worker{' with a GPU' if gpus else ''}"
-    cluster.require_node(cpus, gpus, what, "lower --cpus-per-worker" + (" or drop --use-gpu" if gpus else ""))
-    return cpus
-
-
-def checkpoint_uri(config: FinetuneConfig, checkpoint) -> str:
-    """The URI of a reported checkpoint directory (ray's Checkpoint.path has no scheme)."""
-    return storage.join(config.storage, config.run_name, os.path.basename(checkpoint.path.rstrip("/")))
-
-
-def list_checkpoints(storage_uri: str, run_name: str) -> list[tuple[int, str]]:
-    """(step, URI) of the complete checkpoint folders of a run, oldest first (a folder may be complete on
-    storage yet not committed by Ray Train, if the run died while reporting it: see :func:`resume_point`)."""
-    run_uri = storage.join(storage_uri, run_name)
-    fs, path = storage.filesystem(run_uri)
-    fs.invalidate_cache(path)  # s3fs caches listings; checkpoints appear while a run goes on
-    if not fs.exists(path):
-        return []
-    found = []
-    for entry in fs.ls(path, detail=False):
-        name = os.path.basename(entry.rstrip("/"))
-        if name.startswith(CHECKPOINT_PREFIX) and fs.exists(f"{entry}/{PROGRESS_FILE}"):
-            found.append((int(name[len(CHECKPOINT_PREFIX) :]), storage.join(run_uri, name)))
-    return sorted(found)
-
-
-def resume_point(storage_uri: str, run_name: str) -> tuple[int, str] | None:
-    """(step, URI) of the checkpoint a re-run of this run would resume from, or None for a fresh start.
-
-    Asks Ray Train (``ray.train.Result.from_path``): a checkpoint counts once Ray has committed it, not when its
-    files land."""
-    import ray.train
-
-    run_uri = storage.join(storage_uri, run_name)
-    fs, path = storage.filesystem(run_uri)
-    fs.invalidate_cache(path)  # s3fs caches listings; checkpoints appear while a run goes on
-    if not fs.exists(path):
-        return None
-    train_logger = logging.getLogger("ray.train")
-    level = train_logger.level
-    train_logger.setLevel(logging.WARNING)  # reading the record logs advice meant for starting a trainer
-    try:
-        checkpoint = ray.train.Result.from_path(run_uri).checkpoint
-    except RuntimeError:  # a folder Ray Train has not recorded a checkpoint in (yet)
-        return None
-    finally:
-        train_logger.setLevel(level)
-    name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
-    if not name.startswith(CHECKPOINT_PREFIX):
-        return None
-    return int(name[len(CHECKPOINT_PREFIX) :]), storage.join(run_uri, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,128 +384,3 @@ def format_progress(metrics: dict[str, Any], max_steps: int, world_size: int) ->
     if "val_miou" in metrics:
         line += f" | val mIoU {metrics['val_miou']:.3f}"
     return line
-
-
-def load_eval_examples(
-    pairs: list[tuple[str, str]], label_encoding: str, class_names: list[str], size: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Validation pairs decoded and squashed to size x size."""
-    examples = [read_example(image, label, label_encoding, len(class_names)) for image, label in pairs]
-    return [resize_for_eval(image, label, size) for image, label in examples]
-
-
-@torch.no_grad()
-def evaluate_miou(
-    model: catseg.CATSeg,
-    examples: list[tuple[np.ndarray, np.ndarray]],
-    class_names: list[str],
-    device: torch.device,
-    autocast: torch.autocast,
-    batch_size: int = 4,
-) -> float:
-    """Mean IoU (detectron2's definition, as jobs.evaluate) of the confusion summed over every rank's examples.
-
-    Eval mode (class-attention pooling 1, as at inference); whole image at the crop size. Every rank must call it.
-    """
-    num_classes = len(class_names)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    model.eval()
-    text = model.embed_classes(class_names)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        images = torch.from_numpy(np.stack([image for image, _ in chunk])).to(device).permute(0, 3, 1, 2).float()
-        labels = torch.from_numpy(np.stack([label for _, label in chunk])).to(device).long()
-        with autocast:
-            logits = model(images, text)
-        predictions = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear").argmax(1)
-        valid = labels != IGNORE_INDEX
-        confusion += torch.bincount(labels[valid] * num_classes + predictions[valid], minlength=num_classes**2)
-    model.train()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(confusion)
-    return miou_from_confusion(confusion.view(num_classes, num_classes).cpu())
-
-
-def miou_from_confusion(confusion: torch.Tensor) -> float:
-    """confusion[true, predicted] -> mIoU as jobs.evaluate reports it (:func:`pipelines.metrics.compute_metrics`)."""
-    return compute_metrics(confusion.numpy()).miou
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def report_with_checkpoint(
-    model: catseg.CATSeg,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    metrics: dict[str, Any],
-    rank: int,
-    world_size: int,
-) -> None:
-    """Rank 0 writes the checkpoint and reports it; the others report the same metrics without one."""
-    import ray.train
-
-    rng_states = _gather_rng_states(world_size)  # a collective: every rank takes part
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="catseg-ckpt-") as directory:
-        save_training_checkpoint(directory, model, optimizer, scheduler, metrics, rng_states)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['step']:08d}",
-        )
-
-
-def _gather_rng_states(world_size: int) -> list[dict[str, torch.Tensor]]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
-def save_training_checkpoint(
-    directory: str,
-    model: catseg.CATSeg,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    metrics: dict[str, Any],
-    rng_states: list[dict[str, torch.Tensor]],
-) -> None:
-    catseg.save_model(model, os.path.join(directory, MODEL_DIR))
-    state = {
-        "step": int(metrics["step"]),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_states,
-    }
-    torch.save(state, os.path.join(directory, TRAINING_STATE_FILE))
-    with open(os.path.join(directory, PROGRESS_FILE), "w") as f:  # last: marks the checkpoint complete
-        json.dump({**metrics, "model": model.config.name}, f, indent=2)
-
-
-def load_training_state(
-    directory: str,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    rank: int,
-    world_size: int,
-) -> int:
-    """Restore optimizer, scheduler and this rank's RNG state; returns the step to continue from."""
-    state = torch.load(os.path.join(directory, TRAINING_STATE_FILE), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng_states = state["rng"]
-    if len(rng_states) == world_size:
-        torch.set_rng_state(rng_states[rank]["torch"])
-        if "cuda" in rng_states[rank] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng_states[rank]["cuda"])
-    else:  # a different number of workers: per-rank streams cannot carry over; derive fresh ones
-        torch.manual_seed(int(state["step"]) * 1000 + rank)
-    return int(state["step"])

@@ -119,3 +119,47 @@ class ModelActors:
             "num_cpus": self.cpus_per_actor,
             **cpu_worker_remote_args(self.num_gpus_per_actor),
         }
+
+
+# Fine-tuning: load_training_batch tasks take 1 CPU each (datasets.training_pipeline)
+DATA_PIPELINE_CPUS = 1.0
+MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
+
+
+def plan_training_worker_cpus(num_workers: int, cpus_per_worker: float | None, use_gpu: bool) -> float:
+    """CPUs per training worker, so that the workers and the data pipeline can all run.
+
+    The data pipeline (shuffle, then read/decode/augment tasks of 1 CPU each) needs a CPU of its own: workers
+    that take every CPU of a cluster that cannot grow wait for batches forever. The default is 1 CPU per worker,
+    lowered on such a cluster to share what the data pipeline leaves (2 workers on 2 CPUs: 0.5 each); explicit
+    numbers that leave the pipeline nothing are refused. A cluster with an autoscaler keeps the numbers given.
+    """
+    gpus = 1.0 if use_gpu else 0.0
+    total = cluster.total_cpus()
+    free = total - DATA_PIPELINE_CPUS
+    if cpus_per_worker is not None:
+        cpus = cpus_per_worker
+        if not cluster.can_grow() and num_workers * cpus > free:
+            raise cluster.UnschedulableError(
+                f"--num-workers {num_workers} x --cpus-per-worker {cpus:g} take "
+                f"{num_workers * cpus:g} of this Ray cluster's {total:g} CPUs and leave the data pipeline "
+                f"less than the {DATA_PIPELINE_CPUS:g} it needs: lower --cpus-per-worker (at most "
+                f"{max(free, 0) / num_workers:.2f}) or --num-workers, or leave --cpus-per-worker unset"
+            )
+    elif cluster.can_grow() or free >= num_workers:
+        cpus = 1.0
+    else:
+        cpus = math.floor(100 * max(free, 0) / num_workers) / 100
+        if cpus < MIN_WORKER_CPUS:
+            raise cluster.UnschedulableError(
+                f"{num_workers} training workers cannot share the {max(free, 0):g} CPUs that this Ray "
+                f"cluster's {total:g} leave beside the data pipeline: lower --num-workers"
+            )
+        print(  # the job's own log: a default chosen for this machine is said, not hidden
+            f"{num_workers} training workers x {cpus:g} CPU: {DATA_PIPELINE_CPUS:g} of this cluster's "
+            f"{total:g} CPUs stay with the data pipeline (--cpus-per-worker sets it)",
+            flush=True,
+        )
+    what = f"a training worker{' with a GPU' if gpus else ''}"
+    cluster.require_node(cpus, gpus, what, "lower --cpus-per-worker" + (" or drop --use-gpu" if gpus else ""))
+    return cpus

@@ -10,14 +10,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.benchmarks import load_benchmark
 from pipelines.evaluation import (
     ConfusionStage,
     EvaluationConfig,
     accumulate,
     evaluate,
-    read_pairs,
 )
+from pipelines.evaluation_sets import load_benchmark, read_pairs
 from pipelines.images import LabelIdError
 from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_checkpoint

@@ -36,12 +36,16 @@ pixels, whatever the file stored.
 from __future__ import annotations
 
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines import storage
-from pipelines.images import LABEL_ENCODINGS, LabelEncoding
+from pipelines.images import LABEL_ENCODINGS, LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
+from pipelines.stages import describe_error
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
 BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
@@ -279,3 +283,75 @@ def map_background(predictions: np.ndarray, background_from: int | None) -> np.n
     if background_from is None:
         return predictions
     return np.minimum(predictions, background_from)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Read stage (the evaluation pipeline's first step): pairs -> decoded image and label, per-row errors
+
+READ_THREADS = 8  # concurrent object-store GETs per read task
+PAIR_SCHEMA = pa.schema([("image_uri", pa.string()), ("label_uri", pa.string())])
+READ_SCHEMA = pa.schema(
+    [
+        *PAIR_SCHEMA,
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
+        pa.field("label", pa.large_binary()),  # H x W uint16 class ids, IGNORE_ID = ignored
+        pa.field("error", pa.string()),
+        pa.field("fatal", pa.bool_()),  # the error is the configuration's, not the file's: stop the run
+    ]
+)
+
+
+def read_pair(
+    image_uri: str, label_uri: str, encoding: LabelEncoding, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fetch and decode one pair: (H x W x 3 uint8 image, H x W uint16 label). Raises LabelIdError for label ids
+    beyond the class list, other exceptions for unreadable files."""
+    image = decode_image(storage.read_bytes(image_uri))
+    label = decode_label(storage.read_bytes(label_uri), encoding)
+    if label.shape != image.shape[:2]:
+        raise ValueError(
+            f"label is {label.shape[1]}x{label.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}"
+        )
+    check_label_ids(label, num_classes, label_uri, limit=BENCHMARK_LIMIT, fix=BENCHMARK_FIX)
+    return image, label
+
+
+def read_pairs(
+    batch: pa.Table, encoding: LabelEncoding, num_classes: int, read_threads: int = READ_THREADS
+) -> pa.Table:
+    """Ray Data UDF: rows of URIs -> decoded pixels and labels; a bad file becomes an error row."""
+
+    def load(pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray] | BaseException:
+        try:
+            return read_pair(pair[0], pair[1], encoding, num_classes)
+        except Exception as err:  # each storage backend and decoder raises its own types; the row says why
+            return err
+
+    pairs = list(zip(batch["image_uri"].to_pylist(), batch["label_uri"].to_pylist(), strict=True))
+    with ThreadPoolExecutor(max(1, min(read_threads, len(pairs)))) as pool:
+        loaded = list(pool.map(load, pairs))
+    columns: dict[str, list[Any]] = {k: [] for k in ("width", "height", "pixels", "label", "error", "fatal")}
+    for result in loaded:
+        ok = not isinstance(result, BaseException)
+        columns["width"].append(result[0].shape[1] if ok else None)
+        columns["height"].append(result[0].shape[0] if ok else None)
+        columns["pixels"].append(result[0].tobytes() if ok else None)
+        columns["label"].append(result[1].tobytes() if ok else None)
+        fatal = isinstance(result, LabelIdError)
+        columns["error"].append(None if ok else str(result) if fatal else describe_error("read", result))
+        columns["fatal"].append(fatal)
+    return pa.table(
+        {
+            "image_uri": batch["image_uri"],
+            "label_uri": batch["label_uri"],
+            "width": pa.array(columns["width"], pa.int32()),
+            "height": pa.array(columns["height"], pa.int32()),
+            "pixels": pa.array(columns["pixels"], pa.large_binary()),
+            "label": pa.array(columns["label"], pa.large_binary()),
+            "error": pa.array(columns["error"], pa.string()),
+            "fatal": pa.array(columns["fatal"], pa.bool_()),
+        },
+        schema=READ_SCHEMA,
+    )
