@@ -1,4 +1,4 @@
-"""Bulk labelling on Ray Data: image URIs in, one Parquet row per image out (see :func:`build_labelling_dataset`).
+"""Bulk labelling on Ray Data: image URIs in, one Parquet row per image out (see :func:`label_images`).
 
     sources (a listing or a manifest, minus images this run already labelled)
       -> read_image_bytes     CPU tasks: bytes from any fsspec URI, per-row errors
@@ -25,7 +25,6 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -40,13 +39,14 @@ from .model_stage import SegmentationModel
 from .models import ModelSource
 from .output import (
     OUTPUT_SCHEMA,
-    SCHEMA_VERSION,
     OutputConflictError,
     arrow_filesystem,
     committed_image_ids,
     count_rows,
     data_uri,
+    finish_run_manifest,
     read_manifest,
+    start_run_manifest,
     write_manifest,
 )
 from .stages import SOURCE_SCHEMA, decode_images, encode_predictions, read_image_bytes
@@ -121,6 +121,22 @@ class LabelConfig:
             # only when set, so that float32 run ids stay what they were before the option existed
             **({"precision": self.precision} if self.precision != "float32" else {}),
         }
+
+    def describe(self, resources: dict[str, Any]) -> dict[str, Any]:
+        """The run manifest's input, vocabulary, model and config sections (``resources``: the actor pool)."""
+        num_classes = len(self.vocabulary)
+        return {
+            "input": {"uri": self.input_uri, "manifest": self.manifest_uri, "uri_column": self.uri_column,
+                      "limit": self.limit},
+            "vocabulary": {"vocab_id": self.vocabulary.vocab_id, "source": self.vocabulary.source,
+                           "names": list(self.vocabulary.names)},
+            "model": {"id": self.model.model_id, "uri": self.model.uri},
+            "config": {"batch_size": self.batch_size, "confidence": self.confidence,
+                       "confidence_threshold": self.confidence_threshold,
+                       "mask_bits": 8 * mask_dtype(num_classes).itemsize,
+                       "unlabelled_value": unlabelled_value_for(num_classes), "rows_per_file": self.rows_per_file,
+                       **resources},
+        }  # fmt: skip
 
     def resolved_run_id(self) -> str:
         if self.run_id:
@@ -213,24 +229,20 @@ class NoInputsError(FileNotFoundError):
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
-def build_labelling_dataset(
-    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, resources: ModelActors
-) -> ray.data.Dataset:
-    """(image_id, source_uri, known error) -> the dataset of output rows (lazy; nothing runs until written)."""
+def label_images(
+    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, actors: ModelActors
+) -> None:
+    """The labelling chain: (image_id, source_uri, known error) rows -> read -> decode -> model -> encode ->
+    Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.output`)."""
     rows_per_block = config.batch_size  # small blocks keep every stage streaming
-    blocks = [
-        pa.table(
-            {
-                "image_id": [s[0] for s in sources[start : start + rows_per_block]],
-                "source_uri": [s[1] for s in sources[start : start + rows_per_block]],
-                "error": [s[2] for s in sources[start : start + rows_per_block]],
-            },
-            schema=SOURCE_SCHEMA,
-        )
-        for start in range(0, len(sources), rows_per_block)
-    ]
+    blocks = []
+    for start in range(0, len(sources), rows_per_block):
+        chunk = sources[start : start + rows_per_block]
+        columns = {name: [row[i] for row in chunk] for i, name in enumerate(SOURCE_SCHEMA.names)}
+        blocks.append(pa.table(columns, schema=SOURCE_SCHEMA))
     names = list(config.vocabulary.names)
-    return (
+    fs, path = arrow_filesystem(data_uri(config.output_uri))
+    (
         ray.data.from_arrow(blocks)
         .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=READ_CPUS)
         .map_batches(decode_images, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
@@ -239,12 +251,12 @@ def build_labelling_dataset(
             fn_constructor_kwargs={
                 "model_uri": config.model.uri,
                 "class_names": names,
-                "cpu_threads": resources.torch_threads,
+                "cpu_threads": actors.torch_threads,
                 "precision": config.precision,
             },
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            **resources.map_batches_args(),
+            **actors.map_batches_args(),
         )
         .map_batches(
             encode_predictions,
@@ -259,6 +271,13 @@ def build_labelling_dataset(
             batch_format="pyarrow",
             batch_size=config.batch_size,
             num_cpus=ENCODE_CPUS,
+        )
+        .write_parquet(
+            path,
+            filesystem=fs,
+            min_rows_per_file=config.rows_per_file,
+            ray_remote_args={"num_cpus": WRITE_CPUS},
+            schema=OUTPUT_SCHEMA,
         )
     )
 
@@ -279,10 +298,6 @@ class RunSummary:
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _check_resumable(existing: dict[str, Any] | None, config: LabelConfig, run_id: str, output_uri: str) -> None:
@@ -322,68 +337,20 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     sources = [(image_id_for(uri), uri, None) for uri in plan.uris]
     sources += [(image_id_for(name), name, BAD_NAME_ERROR) for name in plan.unreadable_names]
     todo = [source for source in sources if source[0] not in done]
-    num_classes = len(config.vocabulary)
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "status": "running",
-        "created_at": (existing or {}).get("created_at", _now()),
-        "updated_at": _now(),
-        "layout": {"data": "data/*.parquet", "table": "one row per input image"},
-        "fingerprint": config.fingerprint(),
-        "input": {
-            "uri": config.input_uri,
-            "manifest": config.manifest_uri,
-            "uri_column": config.uri_column,
-            "limit": config.limit,
-        },
-        "vocabulary": {
-            "vocab_id": config.vocabulary.vocab_id,
-            "source": config.vocabulary.source,
-            "names": list(config.vocabulary.names),
-        },
-        "model": {"id": config.model.model_id, "uri": config.model.uri},
-        "config": {
-            "batch_size": config.batch_size,
-            "confidence": config.confidence,
-            "confidence_threshold": config.confidence_threshold,
-            "mask_bits": 8 * mask_dtype(num_classes).itemsize,
-            "unlabelled_value": unlabelled_value_for(num_classes),
-            "rows_per_file": config.rows_per_file,
-            **asdict(resources),
-        },
-        "counts": (existing or {}).get("counts", {}),
-        "attempts": (existing or {}).get("attempts", []),
-    }
+    manifest = start_run_manifest(existing, run_id, config.fingerprint(), config.describe(asdict(resources)))
     write_manifest(config.output_uri, manifest)  # written first: a crashed run is identifiable and resumable
 
     started = time.perf_counter()
     if todo:
-        fs, path = arrow_filesystem(data_uri(config.output_uri))
-        build_labelling_dataset(todo, config, run_id, resources).write_parquet(
-            path,
-            filesystem=fs,
-            min_rows_per_file=config.rows_per_file,
-            ray_remote_args={"num_cpus": WRITE_CPUS},
-            schema=OUTPUT_SCHEMA,
-        )
+        label_images(todo, config, run_id, resources)
     seconds = time.perf_counter() - started
 
     present, ok, errors = count_rows(config.output_uri)
     missing = sum(1 for image_id, _, _ in sources if image_id not in present)
-    manifest["status"] = "complete" if missing == 0 else "incomplete"
-    manifest["updated_at"] = _now()
-    manifest["counts"] = {
-        "inputs": len(sources),
-        "ok": ok,
-        "error": errors,
-        "missing": missing,
-        "duplicate_inputs": plan.duplicates,
-        "blank_manifest_rows": plan.blank,
-    }
-    manifest["attempts"].append(
-        {"finished_at": _now(), "processed": len(todo), "skipped": len(sources) - len(todo), "seconds": seconds}
-    )
+    counts = {"inputs": len(sources), "ok": ok, "error": errors, "missing": missing,
+              "duplicate_inputs": plan.duplicates, "blank_manifest_rows": plan.blank}  # fmt: skip
+    attempt = {"processed": len(todo), "skipped": len(sources) - len(todo), "seconds": seconds}
+    finish_run_manifest(manifest, counts, attempt)
     write_manifest(config.output_uri, manifest)
     return RunSummary(
         run_id=run_id,

@@ -18,6 +18,7 @@ import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,37 @@ def write_manifest(output_uri: str, manifest: dict[str, Any]) -> None:
         os.replace(temporary, path)
     else:
         storage.write_text(uri, text)
+
+
+def start_run_manifest(
+    existing: dict[str, Any] | None, run_id: str, fingerprint: dict[str, Any], description: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest a run writes before its first row: ``description`` holds its ``input``, ``vocabulary``,
+    ``model`` and ``config`` sections; counts and attempts of an earlier attempt of the run carry over."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": "running",
+        "created_at": (existing or {}).get("created_at", _now()),
+        "updated_at": _now(),
+        "layout": {"data": "data/*.parquet", "table": "one row per input image"},
+        "fingerprint": fingerprint,
+        **description,
+        "counts": (existing or {}).get("counts", {}),
+        "attempts": (existing or {}).get("attempts", []),
+    }
+
+
+def finish_run_manifest(manifest: dict[str, Any], counts: dict[str, int], attempt: dict[str, Any]) -> None:
+    """Record an attempt's end in ``manifest``: complete when no input lacks a row."""
+    manifest["status"] = "complete" if counts["missing"] == 0 else "incomplete"
+    manifest["updated_at"] = _now()
+    manifest["counts"] = counts
+    manifest["attempts"].append({"finished_at": _now(), **attempt})
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # -- committed data -------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The labelling pipeline's CPU stages and the Arrow schemas they exchange (the model stage is in
-:mod:`pipelines.model_stage`; the chain itself in :func:`pipelines.labelling.build_labelling_dataset`).
+:mod:`pipelines.model_stage`; the chain itself in :func:`pipelines.labelling.label_images`).
 
 Every stage passes rows through: a row that failed upstream carries its ``error`` to the output, so rows with a
 mask plus rows with an error always equal the inputs. Explicit schemas keep column types when a whole batch fails.
