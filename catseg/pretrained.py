@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .config import get_config
 
@@ -91,14 +92,9 @@ def _cached_path(weights: PretrainedWeights) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def fetch_pretrained(name: str) -> str:
-    """Local path of a released checkpoint: from the Hugging Face cache, downloaded there on first use."""
+def _hub_download(weights: PretrainedWeights, *, dry_run: bool = False) -> Any:
     from huggingface_hub import hf_hub_download
 
-    weights = get_pretrained(name)
-    cached = _cached_path(weights)
-    if cached is not None:
-        return cached
     try:
         return hf_hub_download(
             repo_id=weights.repo_id,
@@ -106,9 +102,16 @@ def fetch_pretrained(name: str) -> str:
             repo_type=weights.repo_type,
             revision=weights.revision,
             library_name="catseg-ray",
+            dry_run=dry_run,
         )
     except Exception as err:  # offline mode, DNS, 404, timeouts: one answer with what to do instead
         raise _unavailable(weights, err) from None
+
+
+def fetch_pretrained(name: str) -> str:
+    """Local path of a released checkpoint: from the Hugging Face cache, downloaded there on first use."""
+    weights = get_pretrained(name)
+    return _cached_path(weights) or _hub_download(weights)
 
 
 def check_pretrained(name: str) -> tuple[bool, int | None]:
@@ -116,21 +119,9 @@ def check_pretrained(name: str) -> tuple[bool, int | None]:
 
     Raises :class:`PretrainedUnavailableError` when the file is neither cached nor reachable.
     """
-    from huggingface_hub import hf_hub_download
-
     weights = get_pretrained(name)
     cached = _cached_path(weights)
     if cached is not None:
         return True, os.path.getsize(cached)
-    try:
-        info = hf_hub_download(
-            repo_id=weights.repo_id,
-            filename=weights.filename,
-            repo_type=weights.repo_type,
-            revision=weights.revision,
-            library_name="catseg-ray",
-            dry_run=True,
-        )
-    except Exception as err:
-        raise _unavailable(weights, err) from None
+    info = _hub_download(weights, dry_run=True)
     return info.is_cached, info.file_size

@@ -15,7 +15,8 @@ import argparse
 import math
 import sys
 
-from jobs.options import add_model_actor_options
+from jobs.options import add_model_actor_options, add_model_options
+from pipelines.evaluation import EvaluationConfig
 from pipelines.evaluation_sets import BENCHMARKS
 
 
@@ -27,15 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="datasets root ($DETECTRON2_DATASETS) or the benchmark's folder; for manifest: the Parquet/CSV file",
     )
     parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="catseg checkpoint dir, official .pth, or fine-tuning run/step dir")
-    model.add_argument("--model", help="registered model with released weights: vit_b16, vit_l14 (needs internet)")
+    add_model_options(parser)
     parser.add_argument("--classes", help="class names, one per line (required for manifest; else replaces prompts)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images (in file-name order)")
     parser.add_argument("--output", help="directory/prefix (or .json file) for the report")
     add_model_actor_options(
         parser,
-        batch_size=2,
+        batch_size=EvaluationConfig.batch_size,
+        cpus_per_actor=EvaluationConfig.cpus_per_actor,
         precision_help="model arithmetic; evaluate twice to measure what bfloat16/float16 costs in mIoU",
     )
     return parser.parse_args(argv)

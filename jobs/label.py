@@ -10,29 +10,30 @@ Re-running the same command resumes: images already in the output are skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from jobs.options import add_model_actor_options
+from jobs.options import add_model_actor_options, add_model_options
+from pipelines.labelling import LabelConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="images: a prefix/directory or glob (s3://, gs://, local paths)")
-    source.add_argument("--manifest", help="a Parquet/CSV/JSON-lines file listing image URIs")
-    parser.add_argument("--uri-column", default="uri", help="manifest column holding the URIs (default: uri)")
+    source.add_argument("--input", dest="input_uri", help="images: a prefix/directory or glob (s3://, gs://, local)")
+    source.add_argument("--manifest", dest="manifest_uri", help="a Parquet/CSV/JSON-lines file listing image URIs")
+    parser.add_argument("--uri-column", default=LabelConfig.uri_column, help="manifest column holding the URIs")
     vocab = parser.add_mutually_exclusive_group(required=True)
     vocab.add_argument("--vocab", help='comma-separated class names, e.g. "cat,dog,sky"')
     vocab.add_argument("--vocab-file", help="text (one class per line) or JSON file, local or any fsspec URI")
     vocab.add_argument("--vocab-preset", help="built-in: voc20, voc20b, pc59, pc459, ade150, ade847, cocostuff171")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="registered model name with released weights (needs internet once)")
-    model.add_argument("--checkpoint", help="checkpoint directory (catseg.save_model) or official .pth URI")
-    parser.add_argument("--output", required=True, help="output URI (directory or prefix)")
+    add_model_options(parser)
+    parser.add_argument("--output", dest="output_uri", required=True, help="output URI (directory or prefix)")
     parser.add_argument("--run-id", help="run id (default: derived from input, vocabulary, model and options)")
     add_model_actor_options(
         parser,
-        batch_size=4,
+        batch_size=LabelConfig.batch_size,
+        cpus_per_actor=LabelConfig.cpus_per_actor,
         precision_help="model arithmetic: bfloat16/float16 autocast is faster on GPUs, slightly different",
     )
     parser.add_argument("--confidence", action="store_true", help="also store per-pixel confidence PNGs")
@@ -42,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pixels whose max probability is below this get the unlabelled value (255 / 65535)",
     )
     parser.add_argument("--limit", type=int, help="label only the first N images of the listing")
-    parser.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet file (default: 256)")
+    parser.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=LabelConfig.rows_per_file,
+        help=f"rows per Parquet file (default: {LabelConfig.rows_per_file})",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines import cluster
     from pipelines.cluster import UnschedulableError, one_line
-    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.labelling import run_labelling
     from pipelines.models import resolve_model
     from pipelines.output import OutputConflictError
     from pipelines.vocabulary import load_vocabulary
@@ -60,24 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vocabulary = load_vocabulary(args.vocab, file=args.vocab_file, preset=args.vocab_preset)
         model = resolve_model(args.model, args.checkpoint)
-        config = LabelConfig(
-            output_uri=args.output,
-            vocabulary=vocabulary,
-            model=model,
-            input_uri=args.input,
-            manifest_uri=args.manifest,
-            uri_column=args.uri_column,
-            run_id=args.run_id,
-            batch_size=args.batch_size,
-            num_gpus_per_actor=args.num_gpus_per_actor,
-            max_actors=args.max_actors,
-            cpus_per_actor=args.cpus_per_actor,
-            confidence=args.confidence,
-            confidence_threshold=args.confidence_threshold,
-            limit=args.limit,
-            rows_per_file=args.rows_per_file,
-            precision=args.precision,
-        )
+        resolved = {"vocabulary": vocabulary, "model": model}  # --model is a name; the config holds its source
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig) if hasattr(args, f.name)}
+        config = LabelConfig(**{**options, **resolved})
     except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError, OutputConflictError) as err:
         print(f"error: {one_line(err, with_type=False)}", file=sys.stderr)
         return 2

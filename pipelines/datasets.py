@@ -124,14 +124,13 @@ def _folder_pairs(
         raise FileNotFoundError(
             f"{layout}: no label PNGs for split {split!r} at {label_dir}; expected {_layout_hint(layout)}"
         ) from err
-    label_by_stem = {_stem(uri): uri for uri in labels}
-    missing = [uri for uri in images if _stem(uri) not in label_by_stem]
+    label_by_stem, missing = storage.match_by_stem(images, labels)
     if missing:
         raise FileNotFoundError(
             f"{layout}: {len(missing)} of {len(images)} images in {image_dir} have no label PNG in {label_dir} "
             f"(e.g. {[posixpath.basename(u) for u in missing[:3]]})"
         )
-    pairs = [(uri, label_by_stem[_stem(uri)]) for uri in images]
+    pairs = [(uri, label_by_stem[storage.stem(uri)]) for uri in images]
     return SegmentationDataset(layout, pairs, list(class_names), encoding)
 
 
@@ -139,10 +138,6 @@ def _layout_hint(layout: str) -> str:
     if layout == "cocostuff":
         return "ROOT/images/{train2017,val2017}/*.jpg and ROOT/annotations[_detectron2]/{split}/*.png"
     return "ADEChallengeData2016/images/{training,validation}/*.jpg and annotations/{split}/*.png"
-
-
-def _stem(uri: str) -> str:
-    return posixpath.splitext(posixpath.basename(uri))[0]
 
 
 def read_class_names(uri: str) -> list[str]:

@@ -217,14 +217,13 @@ def _layout_set(layout: BenchmarkLayout, data: str, classes: str | None) -> Eval
         images = storage.list_files(image_dir, (layout.image_suffix,))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{layout.name}: image folder {image_dir} not found") from err
-    image_by_stem = {_stem(uri): uri for uri in images}
-    missing = [uri for uri in labels if _stem(uri) not in image_by_stem]
+    image_by_stem, missing = storage.match_by_stem(labels, images)
     if missing:
         raise FileNotFoundError(
             f"{layout.name}: {len(missing)} of {len(labels)} labels in {label_dir} have no {layout.image_suffix} "
-            f"image in {image_dir} (e.g. {[_stem(u) for u in missing[:3]]})"
+            f"image in {image_dir} (e.g. {[storage.stem(u) for u in missing[:3]]})"
         )
-    pairs = [(image_by_stem[_stem(uri)], uri) for uri in labels]
+    pairs = [(image_by_stem[storage.stem(uri)], uri) for uri in labels]
 
     builtin = builtin_class_names(layout.name)
     vocabulary = read_class_list(classes) if classes else builtin
@@ -272,10 +271,6 @@ def _manifest_set(manifest_uri: str, classes_uri: str) -> EvaluationSet:
         raise ValueError(f"manifest {manifest_uri} lists no (image_uri, label_uri) rows")
     names = list(dataset.class_names)
     return EvaluationSet("manifest", manifest_uri, list(dataset.pairs), names, names, CLASS_IDS_255, None)
-
-
-def _stem(uri: str) -> str:
-    return posixpath.splitext(posixpath.basename(uri))[0]
 
 
 def map_background(predictions: np.ndarray, background_from: int | None) -> np.ndarray:

@@ -96,6 +96,17 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, skipped: Count
     return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in paths)
 
 
+def stem(uri: str) -> str:
+    """The file name without its extension: how image and label files of one example are matched."""
+    return posixpath.splitext(posixpath.basename(uri))[0]
+
+
+def match_by_stem(keys: list[str], candidates: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({stem: candidate}, keys without a candidate of the same stem), e.g. images and their label files."""
+    by_stem = {stem(uri): uri for uri in candidates}
+    return by_stem, [uri for uri in keys if stem(uri) not in by_stem]
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
