@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="directory/prefix (or .json file) for the report")
     add_model_actor_options(
         parser,
-        batch_size=EvaluationConfig.batch_size,
-        cpus_per_actor=EvaluationConfig.cpus_per_actor,
+        EvaluationConfig,
         precision_help="model arithmetic; evaluate twice to measure what bfloat16/float16 costs in mIoU",
     )
     return parser.parse_args(argv)

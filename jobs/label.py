@@ -32,8 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-id", help="run id (default: derived from input, vocabulary, model and options)")
     add_model_actor_options(
         parser,
-        batch_size=LabelConfig.batch_size,
-        cpus_per_actor=LabelConfig.cpus_per_actor,
+        LabelConfig,
         precision_help="model arithmetic: bfloat16/float16 autocast is faster on GPUs, slightly different",
     )
     parser.add_argument("--confidence", action="store_true", help="also store per-pixel confidence PNGs")

@@ -4,6 +4,7 @@ defaults come from each job's config dataclass."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from catseg import PRECISIONS
 
@@ -18,10 +19,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_actor_options(
-    parser: argparse.ArgumentParser, *, batch_size: int, cpus_per_actor: float, precision_help: str
-) -> None:
-    """--batch-size, --num-gpus-per-actor, --max-actors, --cpus-per-actor and --precision."""
+def add_model_actor_options(parser: argparse.ArgumentParser, defaults: Any, precision_help: str) -> None:
+    """--batch-size, --num-gpus-per-actor, --max-actors, --cpus-per-actor and --precision; ``defaults`` is the job's
+    config dataclass (LabelConfig, EvaluationConfig), whose field defaults the options show and use."""
+    batch_size, cpus_per_actor = defaults.batch_size, defaults.cpus_per_actor
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help=f"images per model call (default: {batch_size})"
     )
