@@ -226,10 +226,6 @@ class ClassAggregation(nn.Module):
         t = t.expand(-1, pixels, -1, -1)
         return rearrange(t, "b p t (h d) -> (b p) t h d", h=self.num_heads)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """x: B x D x T x h x w; guidance: B x T x G -> B x D x T x h x w."""
-        return self.forward_chunks([x], [guidance])[0]
-
     def forward_chunks(self, chunks: list[torch.Tensor], guidances: list[torch.Tensor]) -> list[torch.Tensor]:
         """The class list split in chunks (B x D x t_i x h x w, with guidance B x t_i x G) -> the same chunks.
 
@@ -282,14 +278,13 @@ class ClassAggregation(nn.Module):
 
 
 class AggregatorLayer(nn.Module):
+    """One spatial + one class aggregation block; CostAggregator runs their halves chunk by chunk."""
+
     def __init__(self, config_dims: dict[str, int]) -> None:
         super().__init__()
         d = config_dims
         self.spatial = SpatialAggregation(d["dim"], d["guidance"], d["heads"], d["resolution"], d["window"])
         self.class_attention = ClassAggregation(d["dim"], d["guidance"], d["heads"], d["pooling"], d["pad_len"])
-
-    def forward(self, x: torch.Tensor, appearance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.class_attention(self.spatial(x, appearance), text)
 
 
 class CostAggregator(nn.Module):

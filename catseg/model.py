@@ -58,10 +58,6 @@ class CATSeg(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    @property
-    def output_size(self) -> int:
-        return self.backbone.grid_size * 4
-
     def embed_classes(self, class_names: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalized text embeddings T x P x C (P = 1 prompt template) for a vocabulary."""
         names = validate_vocabulary(class_names)
