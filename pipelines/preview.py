@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import storage
+from .images import decode_image
 from .masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
 from .output import open_labels, parquet_files, read_manifest
 
@@ -169,10 +170,8 @@ def _save_jpeg(image: Image.Image, uri: str) -> None:
 
 
 def _load_source(uri: str) -> Image.Image:
-    """The source image as the labeller saw it: EXIF orientation applied, RGB."""
-    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """The source image as the labeller saw it (the labelling pipeline's own decoder)."""
+    return Image.fromarray(decode_image(storage.read_bytes(uri)))
 
 
 def _thumbnail_size(width: int, height: int) -> tuple[int, int]:
