@@ -20,7 +20,7 @@ _EXPORTS = {
     "list_models": "config",
     "build_model": "checkpoint",
     "check_checkpoint": "checkpoint",
-    "convert_official_state_dict": "checkpoint",
+    "convert_official_state_dict": "convert",
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "BASE_LR": "finetune",

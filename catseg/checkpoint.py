@@ -2,66 +2,27 @@
 
 Our checkpoint format is a directory (local path or any fsspec URI such as s3://bucket/run/model):
 ``config.json`` (:class:`ModelConfig`) and ``model.safetensors`` (the full state dict, CLIP included).
-Official CAT-Seg ``.pth`` files are converted on load; they are read with ``torch.load(weights_only=True)``,
-which refuses arbitrary pickled objects.
+Official CAT-Seg ``.pth`` files are converted on load by :mod:`catseg.convert`; released weights by name come
+through :mod:`catseg.pretrained`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import re
-from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .config import ModelConfig, get_config, list_models
+from .config import ModelConfig, get_config
 from .model import CATSeg
 from .pretrained import check_pretrained, fetch_pretrained, get_pretrained, is_pretrained
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-OFFICIAL_SUFFIXES = (".pth", ".pt")
-
-# Official key prefix -> ours; the longest matching prefix wins, in either direction.
-OFFICIAL_KEY_MAP: list[tuple[str, str]] = [
-    ("sem_seg_head.predictor.clip_model.", "backbone.clip."),
-    ("sem_seg_head.predictor.transformer.conv1.", "aggregator.cost_embed."),
-    ("sem_seg_head.predictor.transformer.guidance_projection.", "aggregator.appearance_guidance_proj."),
-    ("sem_seg_head.predictor.transformer.text_guidance_projection.", "aggregator.text_guidance_proj."),
-    ("sem_seg_head.predictor.transformer.decoder_guidance_projection.", "decoder.guidance_proj."),
-    ("sem_seg_head.predictor.transformer.decoder1.conv.double_conv.", "decoder.up1.conv."),
-    ("sem_seg_head.predictor.transformer.decoder2.conv.double_conv.", "decoder.up2.conv."),
-    ("sem_seg_head.predictor.transformer.decoder1.", "decoder.up1."),
-    ("sem_seg_head.predictor.transformer.decoder2.", "decoder.up2."),
-    ("sem_seg_head.predictor.transformer.head.", "decoder.head."),
-    ("upsample1.", "upsample1."),
-    ("upsample2.", "upsample2."),
-]
-# Inside aggregator layers: official "layers.{i}.swin_block." / "layers.{i}.attention." and their children.
-OFFICIAL_LAYER_PATTERNS: list[tuple[str, str]] = [
-    (r"^sem_seg_head\.predictor\.transformer\.layers\.(\d+)\.swin_block\.", r"aggregator.layers.\1.spatial."),
-    (
-        r"^sem_seg_head\.predictor\.transformer\.layers\.(\d+)\.attention\.attention\.",
-        r"aggregator.layers.\1.class_attention.",
-    ),
-    (
-        r"^sem_seg_head\.predictor\.transformer\.layers\.(\d+)\.attention\.MLP\.",
-        r"aggregator.layers.\1.class_attention.mlp.",
-    ),
-    (
-        r"^sem_seg_head\.predictor\.transformer\.layers\.(\d+)\.attention\.",
-        r"aggregator.layers.\1.class_attention.",
-    ),
-]
-# Official tensors that are derived, not learned (recomputed by our modules).
-OFFICIAL_DERIVED = re.compile(r"(\.attn_mask$|^pixel_(mean|std)$|^clip_pixel_(mean|std)$)")
 
 
 def build_model(name: str, *, clip_pretrained: str | None = None) -> CATSeg:
@@ -99,6 +60,8 @@ def load_model(uri: str, *, device: str | torch.device | None = None) -> CATSeg:
     """
     if not isinstance(uri, str) or not uri:
         raise ValueError("checkpoint URI must be a non-empty string")
+    from .convert import is_official_checkpoint, load_official_checkpoint
+
     if is_pretrained(uri):
         model = _load_pretrained(uri)
     elif is_official_checkpoint(uri):
@@ -108,12 +71,9 @@ def load_model(uri: str, *, device: str | torch.device | None = None) -> CATSeg:
     return model.to(device) if device is not None else model
 
 
-def is_official_checkpoint(uri: str) -> bool:
-    """Official CAT-Seg checkpoints are detectron2 ``.pth`` / ``.pt`` files; ours are directories."""
-    return PurePosixPath(uri.split("?")[0]).suffix in OFFICIAL_SUFFIXES
-
-
 def _load_pretrained(name: str) -> CATSeg:
+    from .convert import load_official_checkpoint
+
     weights = get_pretrained(name)
     model = load_official_checkpoint(fetch_pretrained(name))
     if model.config.name != weights.architecture:
@@ -138,11 +98,10 @@ def check_checkpoint(uri: str) -> ModelConfig:
     if is_pretrained(uri):
         check_pretrained(uri)
         return get_config(get_pretrained(uri).architecture)
+    from .convert import check_official_checkpoint, is_official_checkpoint
+
     if is_official_checkpoint(uri):
-        official = _read_official_state(uri, mmap=True)
-        config, state = _convert_official_keys(official, uri)
-        _check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, uri)
-        return config
+        return check_official_checkpoint(uri)
     fs, path, uri = _checkpoint_location(uri)
     config = _read_config(fs, path, uri)
     weights_uri = _join(uri, WEIGHTS_FILE)
@@ -239,56 +198,6 @@ def _load_state(model: CATSeg, state: dict[str, torch.Tensor], source: str) -> N
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def official_to_catseg_key(key: str) -> str | None:
-    """Our parameter name for an official CAT-Seg key; None for derived tensors we recompute."""
-    if OFFICIAL_DERIVED.search(key):
-        return None
-    for pattern, replacement in OFFICIAL_LAYER_PATTERNS:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
-    official, ours = _longest_prefix(key, [(o, c) for o, c in OFFICIAL_KEY_MAP], KeyError)
-    return ours + key[len(official) :]
-
-
-def catseg_to_official_key(key: str) -> str:
-    """Inverse of :func:`official_to_catseg_key` (used to write official-layout files, e.g. in tests)."""
-    match = re.match(r"^aggregator\.layers\.(\d+)\.(spatial|class_attention)\.(.*)$", key)
-    if match:
-        index, part, rest = match.groups()
-        prefix = f"sem_seg_head.predictor.transformer.layers.{index}."
-        if part == "spatial":
-            return f"{prefix}swin_block.{rest}"
-        if rest.startswith(("q.", "k.", "v.")):
-            return f"{prefix}attention.attention.{rest}"
-        if rest.startswith("mlp."):
-            return f"{prefix}attention.MLP.{rest[4:]}"
-        return f"{prefix}attention.{rest}"
-    ours, official = _longest_prefix(key, [(c, o) for o, c in OFFICIAL_KEY_MAP], KeyError)
-    return official + key[len(ours) :]
-
-
-def _longest_prefix(key: str, pairs: list[tuple[str, str]], error: type[Exception]) -> tuple[str, str]:
-    matches = [pair for pair in pairs if key.startswith(pair[0])]
-    if not matches:
-        raise error(f"unrecognized checkpoint key: {key}")
-    return max(matches, key=lambda pair: len(pair[0]))
-
-
-def detect_official_config(state: dict[str, torch.Tensor]) -> ModelConfig:
-    """Which registered architecture an official state dict (already in our key names) belongs to."""
-    probes = ("backbone.clip.visual.conv1.weight", "backbone.clip.text_projection", "upsample1.weight")
-    for probe in probes:
-        if probe not in state:
-            raise ValueError(f"not an official CAT-Seg checkpoint: it has no {catseg_to_official_key(probe)}")
-    for name in list_models():
-        config = get_config(name)
-        shapes = _reference_shapes(config)
-        if all(tuple(state[p].shape) == shapes[p] for p in probes):
-            return config
-    conv = tuple(state[probes[0]].shape)
-    raise ValueError(f"official checkpoint with visual conv1 {conv} matches none of {list_models()}")
-
-
 _SHAPE_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
@@ -298,73 +207,3 @@ def _reference_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             model = CATSeg(config)
         _SHAPE_CACHE[config.name] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return _SHAPE_CACHE[config.name]
-
-
-def convert_official_state_dict(
-    official: dict[str, torch.Tensor],
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    state = {}
-    for key, value in official.items():
-        ours = official_to_catseg_key(key)
-        if ours is not None:
-            state[ours] = value.float() if value.is_floating_point() else value
-    return detect_official_config(state), state
-
-
-def _read_official_state(uri: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The ``model`` state dict of a detectron2 ``.pth``, unpickled with ``weights_only=True`` only."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"official CAT-Seg checkpoint not found: {uri}")
-    checkpoint = None
-    if mmap and isinstance(fs, LocalFileSystem):
-        # local: memory-mapped, so a driver-side check does not read gigabytes; files in torch's legacy
-        # (non-zip) format cannot be mapped and are read in full below
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            checkpoint = None
-    try:
-        if checkpoint is None:
-            with fs.open(path, "rb") as f:
-                payload = f.read()
-            checkpoint = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors come in many types; none of them is recoverable here
-        raise ValueError(
-            f"{uri} could not be read as a PyTorch checkpoint with weights_only=True ({_torch_load_reason(err)}); "
-            "it is corrupt or holds objects other than tensors"
-        ) from None
-    official = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(official, dict) or not all(isinstance(v, torch.Tensor) for v in official.values()):
-        raise ValueError(f"{uri} has no 'model' state dict of tensors; is it an official CAT-Seg checkpoint?")
-    return official
-
-
-def _torch_load_reason(err: BaseException) -> str:
-    """The informative part of a torch.load error: its unpickler reason, not the advice to drop weights_only."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _convert_official_keys(official: dict[str, torch.Tensor], uri: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    try:
-        return convert_official_state_dict(official)
-    except KeyError as err:
-        raise ValueError(f"{uri}: {err.args[0]}") from err
-
-
-def load_official_checkpoint(uri: str) -> CATSeg:
-    """Convert an official CAT-Seg checkpoint (detectron2 ``.pth`` with a ``model`` entry)."""
-    config, state = _convert_official_keys(_read_official_state(uri), uri)
-    model = CATSeg(config)
-    _load_state(model, state, uri)
-    return model.eval()
-
-
-def describe_checkpoint(uri: str) -> dict:
-    """The config of a checkpoint directory without loading its weights."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return json.loads(_read_bytes(fs, _join(path, CONFIG_FILE), uri, CONFIG_FILE))

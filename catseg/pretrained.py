@@ -3,7 +3,7 @@
 The official checkpoints live in the Hugging Face *Space* ``hamacojr/CAT-Seg-weights`` (not a model repo). They are
 fetched once into the Hugging Face cache through ``huggingface_hub``, so ``HF_ENDPOINT`` (mirrors), ``HF_HOME`` /
 ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and tokens behave as users expect, then converted on load by the
-official-checkpoint loader (:func:`catseg.checkpoint.load_official_checkpoint`). Concurrent fetches of one file on one
+official-checkpoint loader (:func:`catseg.convert.load_official_checkpoint`). Concurrent fetches of one file on one
 machine share a single download (the cache's file lock), so model workers on one node download it once.
 """
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import catseg
-from catseg.checkpoint import catseg_to_official_key, official_to_catseg_key
 from catseg.clip_backbone import create_clip
+from catseg.convert import catseg_to_official_key, official_to_catseg_key
 
 CLASSES = ["person", "tree", "grass"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import catseg
-from catseg.checkpoint import convert_official_state_dict, official_to_catseg_key
+from catseg.convert import convert_official_state_dict, official_to_catseg_key
 
 LAYOUT_DIR = Path(__file__).parent / "data" / "official_checkpoint_layout"
 DERIVED = ".swin_block.block_2.attn_mask"  # the shifted-window mask: stored by the reference, rebuilt by us

@@ -21,7 +21,7 @@ from hf_endpoint import HubFileServer, hub_env
 from PIL import Image
 
 import catseg
-from catseg.checkpoint import catseg_to_official_key
+from catseg.convert import catseg_to_official_key
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = ("space", "hamacojr/CAT-Seg-weights", "model_base.pth")
