@@ -10,6 +10,8 @@ machine share a single download (the cache's file lock), so model workers on one
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +75,7 @@ def get_pretrained(name: str) -> PretrainedWeights:
 
 
 def _unavailable(weights: PretrainedWeights, err: BaseException) -> PretrainedUnavailableError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
     return PretrainedUnavailableError(
         f"cannot fetch released weights {weights.name!r} ({weights.uri}, revision {weights.revision}): "
         f"{type(err).__name__}: {reason}. Without access to the Hugging Face Hub, copy {weights.filename} here "
@@ -92,9 +94,27 @@ def _cached_path(weights: PretrainedWeights) -> str | None:
     return path if isinstance(path, str) else None
 
 
+def _check_endpoint_reachable(timeout: float = 5.0) -> None:
+    """Fail at once when the Hub's host cannot even be resolved or connected to: huggingface_hub would retry
+    for about 25 s, logging each attempt, before giving the same answer. Skipped behind a proxy (the proxy, not
+    this machine, reaches the Hub) and in offline mode (huggingface_hub answers from the cache at once)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+        pass
+
+
 def _hub_download(weights: PretrainedWeights, *, dry_run: bool = False) -> Any:
     from huggingface_hub import hf_hub_download
 
+    try:
+        _check_endpoint_reachable()
+    except OSError as err:
+        raise _unavailable(weights, ConnectionError(f"the Hub endpoint is unreachable ({err})")) from None
     try:
         return hf_hub_download(
             repo_id=weights.repo_id,

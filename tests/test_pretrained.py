@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,18 @@ def test_unreachable_and_uncached_weights_fail_in_one_line_naming_the_file(tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert "PretrainedUnavailableError" in last and "hf://spaces/hamacojr/CAT-Seg-weights/model_large.pth" in last
     assert "--checkpoint PATH" in last
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_retrying(tmp_path):
+    closed = HubFileServer({})  # a free port with nothing listening once stopped
+    closed.start()
+    closed.stop()
+    started = time.monotonic()
+    result = _run("import catseg; catseg.load_model('vit_b16')", hub_env(closed.url, tmp_path / "hf"), timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "the Hub endpoint is unreachable" in last and "--checkpoint PATH" in last
+    assert "Retrying" not in result.stderr  # huggingface_hub's own retries would take about 25 s
+    assert time.monotonic() - started < 20
 
 
 def test_label_job_by_model_name_through_the_endpoint(official_base, tmp_path):
