@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, help="label only the first N images of the listing")
     parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=LabelConfig.max_pixels,
+        help=f"larger images become error rows, refused before decoding (default: {LabelConfig.max_pixels:_})",
+    )
+    parser.add_argument(
         "--rows-per-file",
         type=int,
         default=LabelConfig.rows_per_file,

@@ -35,12 +35,28 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> np.ndarray:
     return np.repeat(gray8[:, :, None], 3, axis=2)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> H x W x 3 uint8 RGB (EXIF-oriented)."""
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: drone tiles and 48 MP phone photos pass, decompression bombs do not
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than the caller allows, found from the header before anything is decoded."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 uint8 RGB (EXIF-oriented).
+
+    ``max_pixels`` refuses larger images from their header, before they are decoded (Pillow's own
+    decompression-bomb limit applies as well)."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} = {width * height / 1e6:.1f} MP, over the limit of "
+                    f"{max_pixels / 1e6:g} MP; raise --max-pixels to label it"
+                )
             opened.seek(0)
             opened.load()  # decode now: truncated files fail here, not later
             image = ImageOps.exif_transpose(opened)

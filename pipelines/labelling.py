@@ -33,6 +33,7 @@ import ray
 import catseg
 
 from . import cluster, storage
+from .images import DEFAULT_MAX_PIXELS
 from .masks import mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
 from .model_stage import SegmentationModel
@@ -88,6 +89,7 @@ class LabelConfig:
     limit: int | None = None
     rows_per_file: int = 256
     precision: str = "float32"  # "bfloat16"/"float16": autocast in the model stage (GPUs with tensor cores)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images become error rows; None: Pillow's bomb limit only
 
     def __post_init__(self) -> None:
         if (self.input_uri is None) == (self.manifest_uri is None):
@@ -95,6 +97,8 @@ class LabelConfig:
         for name in ("output_uri", "input_uri", "manifest_uri"):  # DIR and DIR/ are one run
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, storage.normalize_uri(getattr(self, name)))
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.max_actors is not None and self.max_actors < 1:
             raise ValueError(f"--max-actors must be at least 1, got {self.max_actors}")
         if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0):
@@ -120,6 +124,7 @@ class LabelConfig:
             "confidence_threshold": self.confidence_threshold,
             # only when set, so that float32 run ids stay what they were before the option existed
             **({"precision": self.precision} if self.precision != "float32" else {}),
+            **({"max_pixels": self.max_pixels} if self.max_pixels != DEFAULT_MAX_PIXELS else {}),
         }
 
     def describe(self, resources: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +250,13 @@ def label_images(
     (
         ray.data.from_arrow(blocks)
         .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=READ_CPUS)
-        .map_batches(decode_images, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
+        .map_batches(
+            decode_images,
+            fn_kwargs={"max_pixels": config.max_pixels},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=DECODE_CPUS,
+        )
         .map_batches(
             SegmentationModel,
             fn_constructor_kwargs={

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .images import ImageDecodeError, decode_image
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
 from .output import OUTPUT_SCHEMA
@@ -83,14 +83,15 @@ def read_image_bytes(batch: pa.Table) -> pa.Table:
     )
 
 
-def decode_images(batch: pa.Table) -> pa.Table:
-    """Encoded bytes -> RGB pixels (EXIF-oriented) and original size; undecodable rows get an error."""
+def decode_images(batch: pa.Table, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Encoded bytes -> RGB pixels (EXIF-oriented) and original size; undecodable rows get an error, and so do
+    images over ``max_pixels`` (refused from their header)."""
     widths, heights, pixels, errors = [], [], [], []
     for data, error in zip(batch["data"].to_pylist(), batch["error"].to_pylist(), strict=True):
         rgb = None
         if error is None:
             try:
-                rgb = decode_image(data)
+                rgb = decode_image(data, max_pixels)
             except Exception as err:  # a bad file becomes its own error row, never a failed batch
                 error = describe_error("decode", err)
         widths.append(None if rgb is None else rgb.shape[1])

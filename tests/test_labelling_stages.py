@@ -171,3 +171,35 @@ def test_actor_resources_follow_the_cluster_gpus_and_warn_when_there_are_none(ca
     caplog.clear()
     assert actor_resources(1, 3, cluster_gpus=0) == (1, 3)  # asked for explicitly: Ray's autoscaler starts them
     assert "no GPU" not in caplog.text
+
+
+def _decode_batch(images: list[bytes], **kwargs) -> list[dict]:
+    batch = pa.table(
+        {
+            "image_id": [str(i) for i in range(len(images))],
+            "source_uri": [f"x{i}.png" for i in range(len(images))],
+            "data": pa.array(images, pa.large_binary()),
+            "error": pa.array([None] * len(images), pa.string()),
+        }
+    )
+    return decode_images(batch, **kwargs).to_pylist()
+
+
+def test_images_over_the_pixel_cap_become_error_rows_and_neighbours_decode():
+    small = encode_image(Image.new("RGB", (20, 20)), "PNG")
+    large = encode_image(Image.new("RGB", (40, 30)), "PNG")
+    rows = _decode_batch([large, small], max_pixels=1000)
+    assert "40x30" in rows[0]["error"] and "raise --max-pixels" in rows[0]["error"] and rows[0]["pixels"] is None
+    assert rows[1]["error"] is None and (rows[1]["width"], rows[1]["height"]) == (20, 20)
+
+
+def test_oversize_images_and_decompression_bombs_are_refused_from_their_headers():
+    # bitmap mode: a few kB as PNG, and little memory for this test itself
+    oversize = encode_image(Image.new("1", (12_000, 9_000)), "PNG")  # 108 MP: over the default 100 MP cap
+    bomb = encode_image(Image.new("1", (14_000, 13_000)), "PNG")  # 182 MP: over Pillow's own bomb limit too
+    assert len(oversize) < 1_000_000 and len(bomb) < 1_000_000
+    capped, bombed = _decode_batch([oversize, bomb])
+    assert "12000x9000 = 108.0 MP, over the limit of 100 MP; raise --max-pixels" in capped["error"]
+    assert bombed["error"].startswith("decode: image too large") and "182000000 pixels" in bombed["error"]
+    [uncapped] = _decode_batch([bomb], max_pixels=None)  # Pillow's limit holds whatever the cap
+    assert uncapped["error"].startswith("decode: image too large")
