@@ -21,6 +21,7 @@ _EXPORTS = {
     "build_model": "checkpoint",
     "check_checkpoint": "checkpoint",
     "convert_official_state_dict": "convert",
+    "is_official_checkpoint": "convert",
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "BASE_LR": "finetune",

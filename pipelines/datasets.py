@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 LAYOUTS = ("cocostuff", "ade20k", "manifest")
+LOAD_TASK_CPUS = 1.0  # per read/decode/augment task of the training pipeline (pipelines.workers plans around it)
 Layout = Literal["cocostuff", "ade20k", "manifest"]
 # Training datasets name their label encoding (pipelines.images.LABEL_ENCODINGS): "class_ids" (255 = ignore),
 # "coco_stuff_raw" (COCO-Stuff stuffthingmaps), "ade20k_raw" (ADE20K annotations, 0 = unlabelled).
@@ -355,6 +356,6 @@ def training_pipeline(dataset: SegmentationDataset, crop_size: int, batch_size: 
                 "num_classes": len(dataset.class_names),
             },
             batch_size=batch_size,
-            num_cpus=1,
+            num_cpus=LOAD_TASK_CPUS,
         )
     )

@@ -31,7 +31,9 @@ class ModelSource:
 def resolve_checkpoint(uri: str) -> str:
     """The model directory inside a fine-tuning checkpoint (``RUN/step_N``) or run (its latest step); any other
     URI unchanged."""
-    if uri.split("?")[0].endswith((".pth", ".pt")) or storage.exists(storage.join(uri, "config.json")):
+    import catseg
+
+    if catseg.is_official_checkpoint(uri) or storage.exists(storage.join(uri, "config.json")):
         return uri
     if storage.exists(storage.join(uri, MODEL_DIR, "config.json")):
         return storage.join(uri, MODEL_DIR)
@@ -73,6 +75,6 @@ def resolve_model(name: str | None = None, checkpoint: str | None = None) -> Mod
     with storage.access_errors("read", checkpoint):
         uri = resolve_checkpoint(checkpoint)
         architecture = catseg.check_checkpoint(uri).name
-    if uri.split("?")[0].endswith((".pth", ".pt")):
+    if catseg.is_official_checkpoint(uri):
         return ModelSource(uri, uri, architecture)
     return ModelSource(uri, f"{architecture}@{uri}", architecture)

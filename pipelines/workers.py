@@ -29,6 +29,7 @@ from typing import Any
 import ray
 
 from . import cluster
+from .datasets import LOAD_TASK_CPUS
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ class ModelActors:
         }
 
 
-# Fine-tuning: load_training_batch tasks take 1 CPU each (datasets.training_pipeline)
-DATA_PIPELINE_CPUS = 1.0
+# Fine-tuning: the data pipeline needs room for at least one of its load tasks
+DATA_PIPELINE_CPUS = LOAD_TASK_CPUS
 MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
 
 
