@@ -4,7 +4,9 @@
         --output s3://bucket/labels/run1
 
 Runs on an embedded local Ray unless a cluster address is set (RAY_ADDRESS, as under `ray job submit`).
-Re-running the same command resumes: images already in the output are skipped.
+Re-running the same command resumes: images already in the output are skipped, and error rows worth retrying
+(a failed read, out of memory) are labelled again. Exit status: 0 when every input has a row and none is a transient
+error, 1 when a re-run could still improve the output (rows missing, transient errors), 2 when refused.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="pixels whose max probability is below this get the unlabelled value (255 / 65535)",
     )
-    parser.add_argument("--limit", type=int, help="label only the first N images of the listing")
+    parser.add_argument("--limit", type=int, help="label only the first N images of the listing or manifest")
+    parser.add_argument(
+        "--retry-errors",
+        choices=("transient", "all", "none"),
+        default=LabelConfig.retry_errors,
+        help="error rows of earlier attempts to label again: transient (reads, out of memory; the default), "
+        "all (also undecodable or oversize images), none",
+    )
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -94,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.shutdown()
 
+    retried = f", retried {summary.retried} earlier errors" if summary.retried else ""
     print(
-        f"labelled {summary.processed} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s); "
-        f"skipped {summary.skipped} already done\n"
-        f"output {summary.output_uri} (run {summary.run_id}): {summary.ok} masks, {summary.errors} errors, "
+        f"planned {summary.inputs} inputs in {summary.planning_seconds:.1f} s; labelled {summary.processed} images "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s); skipped {summary.skipped} "
+        f"already done{retried}\n"
+        f"output {summary.output_uri} (run {summary.run_id}): {summary.ok} masks, {summary.errors} errors "
+        f"({summary.transient_errors} transient, {summary.permanent_errors} permanent), "
         f"{summary.missing} missing of {summary.inputs} inputs"
     )
-    return 0 if summary.missing == 0 else 1
+    if not summary.healed:
+        print("some inputs may still be labelled: run the same command again to retry missing rows and "
+              "transient errors (failed reads, out of memory)")  # fmt: skip
+    return 0 if summary.healed else 1
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ Every stage passes rows through: a row that failed upstream carries its ``error`
 mask plus rows with an error always equal the inputs. Stages exchange Arrow tables with explicit schemas (images as
 raw bytes), so a batch of only failures still has the right column types.
 
-Resume: each run has a ``run_id`` (by default a hash of input, vocabulary, model and result-affecting options);
-before reading, the committed Parquet files of that run are listed and their ``image_id`` values skipped (see
-:mod:`pipelines.output`). Re-running the same command after a crash labels only what is missing.
+Inputs are planned on the cluster (:mod:`pipelines.inputs`): the listing or manifest, minus the images this run has
+already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the driver only holds
+counts. Reads and decodes run in tasks of :data:`IO_ROWS` rows, the model stage at ``batch_size``.
+
+Resume and healing: each run has a ``run_id`` (by default a hash of input, vocabulary, model and result-affecting
+options). Re-running the same command labels what is missing, and again the error rows worth retrying
+(``retry_errors``: ``transient`` by default, e.g. a read that failed); a retried image's old row is removed from
+its file before it is labelled again, so the output never holds two rows for one image.
 """
 
 from __future__ import annotations
@@ -21,19 +26,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import ray
+from ray.data.datasource import FilenameProvider
 
 import catseg
 
 from . import cluster, storage
 from .images import DEFAULT_MAX_PIXELS
+from .inputs import (
+    RETRY_POLICIES,
+    InputPlan,
+    NoInputsError,
+    check_source,
+    count_attempt_rows,
+    image_id_for,
+    new_attempt_id,
+    plan_inputs,
+    plan_root_uri,
+)
 from .masks import mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
 from .model_stage import SegmentationModel
@@ -42,15 +56,13 @@ from .output import (
     OUTPUT_SCHEMA,
     OutputConflictError,
     arrow_filesystem,
-    committed_image_ids,
-    count_rows,
     data_uri,
     finish_run_manifest,
     read_manifest,
     start_run_manifest,
     write_manifest,
 )
-from .stages import SOURCE_SCHEMA, decode_images, encode_predictions, read_image_bytes
+from .stages import PERMANENT, SOURCE_SCHEMA, TRANSIENT, decode_images, encode_predictions, read_image_bytes
 from .workers import ModelActors
 
 if TYPE_CHECKING:
@@ -60,12 +72,14 @@ logger = logging.getLogger(__name__)
 
 # Fractional CPUs so read, decode, model, encode and write operators all fit on a small machine at once.
 READ_CPUS, DECODE_CPUS, ENCODE_CPUS, WRITE_CPUS = 0.25, 0.25, 0.25, 0.25
-BAD_NAME_ERROR = "input: the file name is not valid UTF-8 (shown escaped); rename the file to read it"
+IO_ROWS = 32  # rows per read call (its objects fetched concurrently): per-call overhead is small against them
+# s3fs / botocore / aiohttp spellings of errors a retried write can cure (Ray Data's defaults are pyarrow's)
+RETRIED_WRITE_ERRORS = (
+    "Service Unavailable", "SlowDown", "reduce your request rate", "Connection reset", "ConnectionClosedError",
+    "EndpointConnectionError", "ReadTimeoutError", "Server disconnected", "InternalError",
+)  # fmt: skip
 
-
-def image_id_for(uri: str) -> str:
-    """Stable id of an input image: a hash of its source URI (the key for resume and dedup)."""
-    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]
+__all__ = ["LabelConfig", "NoInputsError", "RunSummary", "image_id_for", "label_images", "run_labelling"]
 
 
 # -- configuration --------------------------------------------------------------------------------------------
@@ -90,6 +104,7 @@ class LabelConfig:
     rows_per_file: int = 256
     precision: str = "float32"  # "bfloat16"/"float16": autocast in the model stage (GPUs with tensor cores)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images become error rows; None: Pillow's bomb limit only
+    retry_errors: str = "transient"  # which committed error rows a re-run labels again: transient, all, none
 
     def __post_init__(self) -> None:
         if (self.input_uri is None) == (self.manifest_uri is None):
@@ -109,6 +124,8 @@ class LabelConfig:
             raise ValueError(f"confidence threshold must be in [0, 1], got {self.confidence_threshold}")
         if self.limit is not None and self.limit < 0:
             raise ValueError("limit must be >= 0")
+        if self.retry_errors not in RETRY_POLICIES:
+            raise ValueError(f"--retry-errors must be one of {', '.join(RETRY_POLICIES)}, got {self.retry_errors!r}")
         if self.precision not in catseg.PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(catseg.PRECISIONS)}, got {self.precision!r}")
 
@@ -136,7 +153,8 @@ class LabelConfig:
             "vocabulary": {"vocab_id": self.vocabulary.vocab_id, "source": self.vocabulary.source,
                            "names": list(self.vocabulary.names)},
             "model": {"id": self.model.model_id, "uri": self.model.uri},
-            "config": {"batch_size": self.batch_size, "confidence": self.confidence,
+            "config": {"batch_size": self.batch_size, "retry_errors": self.retry_errors,
+                       "confidence": self.confidence,
                        "confidence_threshold": self.confidence_threshold,
                        "mask_bits": 8 * mask_dtype(num_classes).itemsize,
                        "unlabelled_value": unlabelled_value_for(num_classes), "rows_per_file": self.rows_per_file,
@@ -150,106 +168,40 @@ class LabelConfig:
         return f"run-{digest}"
 
 
-# -- inputs ---------------------------------------------------------------------------------------------------
-def read_manifest_uris(manifest_uri: str, uri_column: str) -> list[str | None]:
-    """The URI column of a Parquet / CSV / JSON-lines manifest; relative paths resolve against its folder."""
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(manifest_uri)
-    lower = path.lower()
-    with storage.access_errors("read", manifest_uri), fs.open(path, "rb") as f:
-        if lower.endswith((".csv", ".tsv", ".csv.gz")):
-            options = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
-            table = pacsv.read_csv(f, parse_options=options)
-        elif lower.endswith((".jsonl", ".json", ".ndjson")):
-            table = pajson.read_json(f)
-        else:
-            table = pq.read_table(f)
-    if uri_column not in table.column_names:
-        raise ValueError(f"manifest {manifest_uri} has no column {uri_column!r}; columns: {table.column_names}")
-    base = posixpath.dirname(manifest_uri.rstrip("/"))
-    uris = []
-    for value in table[uri_column].to_pylist():
-        text = str(value).strip() if value is not None else ""
-        if not text:
-            uris.append(None)
-        elif "://" in text or text.startswith("/"):
-            uris.append(text)
-        else:
-            uris.append(storage.join(base, text))
-    return uris
-
-
-@dataclass
-class InputPlan:
-    uris: list[str]  # unique, in listing / manifest order, after --limit
-    duplicates: int = 0
-    blank: int = 0
-    unreadable_names: list[str] = field(default_factory=list)  # not valid UTF-8, escaped (they get error rows)
-
-
-def _is_utf8(uri: str) -> bool:
-    try:
-        uri.encode("utf-8")
-    except UnicodeEncodeError:  # a local file name with bytes that are not UTF-8 (os gives surrogate escapes)
-        return False
-    return True
-
-
-def plan_inputs(config: LabelConfig) -> InputPlan:
-    skipped: Counter = Counter()
-    if config.manifest_uri is not None:
-        listed = read_manifest_uris(config.manifest_uri, config.uri_column)
-    else:
-        listed = storage.list_files(config.input_uri, storage.IMAGE_SUFFIXES, skipped)
-    seen: set[str] = set()
-    plan = InputPlan([])
-    for uri in listed:
-        if uri is None:
-            plan.blank += 1
-        elif uri in seen:
-            plan.duplicates += 1
-        elif not _is_utf8(uri):
-            plan.unreadable_names.append(uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
-        else:
-            seen.add(uri)
-            plan.uris.append(uri)
-    if config.limit is not None:
-        plan.uris = plan.uris[: config.limit]
-    if not plan.uris and not plan.unreadable_names and config.limit != 0:
-        where = config.input_uri or f"the {config.uri_column!r} column of {config.manifest_uri}"
-        others = ", ".join(f"{ext} ({n})" for ext, n in skipped.most_common(8))
-        raise NoInputsError(
-            f"no images found in {where}"
-            + (f"; skipped files with other extensions: {others}" if others else " (it holds no files)")
-            + f". Images are files ending in {', '.join(storage.IMAGE_SUFFIXES)}"
-        )
-    return plan
-
-
-class NoInputsError(FileNotFoundError):
-    """The input names no image: refused before anything is written."""
-
-
 # -- the pipeline ---------------------------------------------------------------------------------------------
-def label_images(
-    sources: list[tuple[str, str, str | None]], config: LabelConfig, run_id: str, actors: ModelActors
-) -> None:
-    """The labelling chain: (image_id, source_uri, known error) rows -> read -> decode -> model -> encode ->
-    Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.output`)."""
-    rows_per_block = config.batch_size  # small blocks keep every stage streaming
-    blocks = []
-    for start in range(0, len(sources), rows_per_block):
-        chunk = sources[start : start + rows_per_block]
-        columns = {name: [row[i] for row in chunk] for i, name in enumerate(SOURCE_SCHEMA.names)}
-        blocks.append(pa.table(columns, schema=SOURCE_SCHEMA))
+class _AttemptFiles(FilenameProvider):
+    """Output files named by the attempt that wrote them, so its rows can be counted after the write."""
+
+    def __init__(self, attempt_id: str) -> None:
+        super().__init__(file_format="parquet")
+        self.attempt_id = attempt_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.attempt_id}-{write_uuid}-{task_index:06d}.parquet"
+
+
+def label_images(todo_files: list[str], config: LabelConfig, run_id: str, actors: ModelActors, attempt_id: str) -> None:
+    """The labelling chain: to-do rows (image_id, source_uri, known error) -> read -> decode -> model -> encode
+    -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.output`)."""
     names = list(config.vocabulary.names)
+    # Blocks of IO_ROWS rows from read to write: few tasks per row, and a file commits every few blocks. The
+    # decode and model stages work batch_size rows at a time inside a block (decode emits a block per batch when
+    # the pixels outgrow Ray's block size). Small --rows-per-file means small blocks: commit that often.
+    block_rows = min(IO_ROWS, config.rows_per_file)
+    plan_fs, _ = arrow_filesystem(plan_root_uri(config.output_uri))
     fs, path = arrow_filesystem(data_uri(config.output_uri))
+    context = ray.data.DataContext.get_current()
+    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_WRITE_ERRORS]))
     (
-        ray.data.from_arrow(blocks)
-        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=config.batch_size, num_cpus=READ_CPUS)
+        ray.data.read_parquet(
+            todo_files,
+            filesystem=plan_fs,
+            schema=SOURCE_SCHEMA,
+            partitioning=None,
+            ray_remote_args={"num_cpus": READ_CPUS},
+        )
+        .repartition(target_num_rows_per_block=block_rows)  # to-do files hold thousands of (tiny) rows
+        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=block_rows, num_cpus=READ_CPUS)
         .map_batches(
             decode_images,
             fn_kwargs={"max_pixels": config.max_pixels},
@@ -289,6 +241,7 @@ def label_images(
             min_rows_per_file=config.rows_per_file,
             ray_remote_args={"num_cpus": WRITE_CPUS},
             schema=OUTPUT_SCHEMA,
+            filename_provider=_AttemptFiles(attempt_id),
         )
     )
 
@@ -298,17 +251,29 @@ class RunSummary:
     run_id: str
     output_uri: str
     inputs: int  # unique input images of this run
-    skipped: int  # already labelled by an earlier attempt
-    processed: int  # labelled (or failed) by this attempt
+    skipped: int  # already labelled by an earlier attempt (and not retried)
+    processed: int  # labelled (or failed) by this attempt, retried error rows included
+    retried: int  # error rows of earlier attempts labelled again by this one
     ok: int  # rows with a mask in the whole output
-    errors: int  # rows with an error in the whole output
+    transient_errors: int  # error rows a re-run retries (read failures, out of memory)
+    permanent_errors: int  # error rows a re-run keeps (bad bytes, oversize images), unless --retry-errors all
     missing: int  # inputs without a row (0 after a successful run)
-    seconds: float
+    seconds: float  # labelling, after planning
+    planning_seconds: float = 0.0
     resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.transient_errors + self.permanent_errors
 
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def healed(self) -> bool:
+        """Nothing left that re-running the same command could still improve."""
+        return self.missing == 0 and self.transient_errors == 0
 
 
 def _check_resumable(existing: dict[str, Any] | None, config: LabelConfig, run_id: str, output_uri: str) -> None:
@@ -329,10 +294,35 @@ def _check_resumable(existing: dict[str, Any] | None, config: LabelConfig, run_i
         )
 
 
+def _no_inputs_error(config: LabelConfig, plan: InputPlan) -> NoInputsError:
+    where = config.input_uri or f"the {config.uri_column!r} column of {config.manifest_uri}"
+    others = ", ".join(f"{ext} ({n})" for ext, n in list(plan.skipped_extensions.items())[:8])
+    detail = f"; skipped files with other extensions: {others}" if others else ""
+    if not others and config.manifest_uri is not None:
+        detail = f" (it has {plan.blank} blank rows)" if plan.blank else " (it has no rows)"
+    elif not others:
+        detail = " (it holds no files)"
+    return NoInputsError(
+        f"no images found in {where}{detail}. Images are files ending in {', '.join(storage.IMAGE_SUFFIXES)}"
+    )
+
+
+def _remove_plan(output_uri: str, created: bool) -> None:
+    """A refused run leaves nothing behind: its plan, and the output folder when this run created it."""
+    fs, root = storage.filesystem(plan_root_uri(output_uri))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    _, output = storage.filesystem(output_uri)
+    if created and fs.isdir(output) and not fs.ls(output):
+        fs.rmdir(output)
+
+
 def run_labelling(config: LabelConfig) -> RunSummary:
-    """Label every input image not yet in the output; write the rows and the run manifest; return a summary."""
+    """Label every input image not yet in the output (and the error rows to retry); write the rows and the run
+    manifest; return a summary."""
     # every check that needs no cluster first: a mistake costs seconds and writes nothing
-    plan = plan_inputs(config)
+    check_source(config.input_uri, config.manifest_uri, config.uri_column)
+    created = not storage.exists(config.output_uri)
     storage.check_writable(config.output_uri)
     run_id = config.resolved_run_id()
     existing = read_manifest(config.output_uri)
@@ -344,34 +334,57 @@ def run_labelling(config: LabelConfig) -> RunSummary:
         config.cpus_per_actor,
         reserve_cpus=READ_CPUS + DECODE_CPUS + ENCODE_CPUS + WRITE_CPUS,
     )
-    done = committed_image_ids(config.output_uri, run_id)
-    sources = [(image_id_for(uri), uri, None) for uri in plan.uris]
-    sources += [(image_id_for(name), name, BAD_NAME_ERROR) for name in plan.unreadable_names]
-    todo = [source for source in sources if source[0] not in done]
+    planning_started = time.perf_counter()
+    plan = plan_inputs(
+        output_uri=config.output_uri,
+        run_id=run_id,
+        input_uri=config.input_uri,
+        manifest_uri=config.manifest_uri,
+        uri_column=config.uri_column,
+        limit=config.limit,
+        retry_errors=config.retry_errors,
+        conflict=OutputConflictError,
+    )
+    planning_seconds = time.perf_counter() - planning_started
+    if plan.inputs == 0 and config.limit != 0:
+        _remove_plan(config.output_uri, created)
+        raise _no_inputs_error(config, plan)
     manifest = start_run_manifest(existing, run_id, config.fingerprint(), config.describe(asdict(resources)))
     write_manifest(config.output_uri, manifest)  # written first: a crashed run is identifiable and resumable
 
+    attempt_id = new_attempt_id()
     started = time.perf_counter()
-    if todo:
-        label_images(todo, config, run_id, resources)
+    if plan.todo:
+        label_images(plan.todo_files, config, run_id, resources, attempt_id)
     seconds = time.perf_counter() - started
 
-    present, ok, errors = count_rows(config.output_uri)
-    missing = sum(1 for image_id, _, _ in sources if image_id not in present)
-    counts = {"inputs": len(sources), "ok": ok, "error": errors, "missing": missing,
-              "duplicate_inputs": plan.duplicates, "blank_manifest_rows": plan.blank}  # fmt: skip
-    attempt = {"processed": len(todo), "skipped": len(sources) - len(todo), "seconds": seconds}
+    written = count_attempt_rows(config.output_uri, attempt_id) if plan.todo else {}
+    before = plan.committed
+    ok = before.get("ok", 0) + written.get("ok", 0)
+    transient, permanent = (
+        before.get(kind, 0) - plan.retry.get(kind, 0) + written.get(kind, 0) for kind in (TRANSIENT, PERMANENT)
+    )
+    missing = max(0, plan.todo - sum(written.values()))
+    counts = {"inputs": plan.inputs, "ok": ok, "error": transient + permanent, "error_transient": transient,
+              "error_permanent": permanent, "missing": missing, "duplicate_inputs": plan.duplicates,
+              "blank_manifest_rows": plan.blank}  # fmt: skip
+    attempt = {"attempt_id": attempt_id, "processed": plan.todo, "skipped": plan.skipped,
+               "retried": sum(plan.retry.values()), "retried_by_kind": plan.retry, "seconds": round(seconds, 3),
+               "planning_seconds": round(planning_seconds, 3)}  # fmt: skip
     finish_run_manifest(manifest, counts, attempt)
     write_manifest(config.output_uri, manifest)
     return RunSummary(
         run_id=run_id,
         output_uri=config.output_uri,
-        inputs=len(sources),
-        skipped=len(sources) - len(todo),
-        processed=len(todo),
+        inputs=plan.inputs,
+        skipped=plan.skipped,
+        processed=plan.todo,
+        retried=sum(plan.retry.values()),
         ok=ok,
-        errors=errors,
+        transient_errors=transient,
+        permanent_errors=permanent,
         missing=missing,
         seconds=seconds,
+        planning_seconds=planning_seconds,
         resources=asdict(resources),
     )

@@ -17,7 +17,7 @@ import ray
 import catseg
 
 from .masks import mask_dtype
-from .stages import PREDICTED_SCHEMA, describe_error
+from .stages import PERMANENT, PREDICTED_SCHEMA, column_or_nulls, describe_error, error_kind
 
 Result = TypeVar("Result")
 
@@ -93,7 +93,7 @@ class SegmentationModel:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-        errors = batch["error"].to_pylist()
+        errors, kinds = batch["error"].to_pylist(), column_or_nulls(batch, "error_kind")
         todo = [i for i, error in enumerate(errors) if error is None]
         pixel_column = batch["pixels"]
         images = [
@@ -107,11 +107,12 @@ class SegmentationModel:
 
         for i, result in zip(todo, predict_each(predict, images), strict=True):
             if isinstance(result, BaseException):
-                errors[i] = describe_error("model", result)
+                errors[i], kinds[i] = describe_error("model", result), error_kind("model", result)
                 continue
             label_map, probability = result
             if label_map.shape != (heights[i], widths[i]):
                 errors[i] = f"model: label map {label_map.shape} does not match the image {heights[i]}x{widths[i]}"
+                kinds[i] = PERMANENT
                 continue
             labels[i] = label_map.astype(self.mask_dtype).tobytes()
             confidence[i] = probability.astype(np.float32).tobytes()
@@ -124,6 +125,7 @@ class SegmentationModel:
                 "labels": pa.array(labels, pa.large_binary()),
                 "confidence": pa.array(confidence, pa.large_binary()),
                 "error": pa.array(errors, pa.string()),
+                "error_kind": pa.array(kinds, pa.string()),
             },
             schema=PREDICTED_SCHEMA,
         )

@@ -4,10 +4,11 @@ Layout under an output URI (a local directory or any fsspec URI such as s3://buc
 
     <output>/manifest.json        run manifest: vocabulary, model, config, counts, attempts
     <output>/data/*.parquet       one row per input image (schema: OUTPUT_SCHEMA)
+    <output>/_inputs/             the last attempt's input plan (see pipelines.inputs); not labels
 
 A Parquet file is committed once its footer is readable: object stores publish an object only when its upload
-completes, and a local file killed mid-write has no valid footer. :func:`committed_image_ids` deletes such
-half-written files and returns the ids already labelled, which a resumed run skips.
+completes, and a local file killed mid-write has no valid footer. The input plan deletes such half-written files
+and skips the images already labelled; a file is only ever replaced in one step (:func:`replace_file`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import json
 import logging
 import os
 import posixpath
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -36,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
-SCHEMA_VERSION = 1
+FOOTER_THREADS = 16  # concurrent footer reads when listing committed files (a GET each on object stores)
+SCHEMA_VERSION = 2  # 2: error_kind
 
 CLASS_STAT_TYPE = pa.struct(
     [
@@ -57,6 +60,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("confidence_png", pa.binary()),
         ("class_stats", pa.list_(CLASS_STAT_TYPE)),
         ("error", pa.string()),
+        ("error_kind", pa.string()),  # "transient" (a re-run retries it) or "permanent"; null when error is null
         ("run_id", pa.string()),
         ("model_id", pa.string()),
         ("vocab_id", pa.string()),
@@ -143,31 +147,53 @@ def _now() -> str:
 
 
 # -- committed data -------------------------------------------------------------------------------------------
+def is_data_file(path: str) -> bool:
+    """Names Ray Data writes; hidden and underscore names are temporary files (and Spark's convention)."""
+    name = posixpath.basename(path)
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def is_committed(fs: Any, path: str) -> bool:
+    """A complete Parquet file: its footer reads (a killed writer leaves a file without one)."""
+    try:
+        with fs.open(path, "rb") as f:
+            pq.read_metadata(f)
+    except Exception:  # any reader error means "not a complete Parquet file"
+        return False
+    return True
+
+
 def parquet_files(output_uri: str, *, remove_incomplete: bool = False) -> list[str]:
     """Paths (inside their filesystem) of the committed Parquet files under ``<output>/data``.
 
     Files whose footer cannot be read were cut off by a killed writer; with ``remove_incomplete`` they are
-    deleted (their rows are simply labelled again), otherwise skipped.
+    deleted (their rows are simply labelled again), otherwise skipped. Footers are read concurrently.
     """
     fs, root = storage.filesystem(data_uri(output_uri))
     fs.invalidate_cache(root)  # listings are cached per filesystem instance; another process may have written
     if not fs.isdir(root):
         return []
-    committed = []
-    for path in sorted(fs.find(root)):
-        name = posixpath.basename(path)
-        if name.startswith((".", "_")) or not name.endswith(".parquet"):
-            continue
-        try:
-            with fs.open(path, "rb") as f:
-                pq.read_metadata(f)
-        except Exception as err:  # any reader error means "not a complete Parquet file"
-            if remove_incomplete:
-                logger.warning("removing incomplete output file %s (%s)", path, err)
-                fs.rm(path)
-            continue
-        committed.append(path)
-    return committed
+    candidates = [path for path in sorted(fs.find(root)) if is_data_file(path)]
+    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
+        complete = list(pool.map(lambda path: is_committed(fs, path), candidates))
+    for path, ok in zip(candidates, complete, strict=True):
+        if not ok and remove_incomplete:
+            logger.warning("removing incomplete output file %s", path)
+            fs.rm(path)
+    return [path for path, ok in zip(candidates, complete, strict=True) if ok]
+
+
+def replace_file(fs: Any, path: str, table: pa.Table) -> None:
+    """Write ``table`` over the Parquet file at ``path`` in one step: readers see the old file or the new one.
+
+    Object stores publish an upload only when it completes; a local file is written beside and renamed."""
+    if isinstance(fs, LocalFileSystem):
+        temporary = posixpath.join(posixpath.dirname(path), f".{uuid.uuid4().hex}.tmp")
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    else:
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f)
 
 
 def open_labels(output_uri: str, *, files: list[str] | None = None) -> pads.Dataset:
@@ -186,31 +212,6 @@ def require_output(output_uri: str) -> None:
             f"no labelling output at {output_uri}: it has no {MANIFEST_FILE} and no data/*.parquet; "
             "check the --output URI (the one given to jobs.label)"
         )
-
-
-def committed_image_ids(output_uri: str, run_id: str) -> set[str]:
-    """Ids of images already in committed files of this run; refuses an output that holds another run."""
-    files = parquet_files(output_uri, remove_incomplete=True)
-    if not files:
-        return set()
-    table = open_labels(output_uri, files=files).to_table(columns=["image_id", "run_id"])
-    other_runs = set(pc.unique(table["run_id"]).to_pylist()) - {run_id}
-    if other_runs:
-        raise OutputConflictError(
-            f"{output_uri} already holds labels of run(s) {sorted(other_runs)}; "
-            f"pass --run-id {sorted(other_runs)[0]} to resume that run, or choose another --output"
-        )
-    return set(table["image_id"].to_pylist())
-
-
-def count_rows(output_uri: str) -> tuple[set[str], int, int]:
-    """(image ids present, rows with a mask, rows with an error) over the committed files."""
-    files = parquet_files(output_uri)
-    if not files:
-        return set(), 0, 0
-    table = open_labels(output_uri, files=files).to_table(columns=["image_id", "error"])
-    errors = len(table) - table["error"].null_count
-    return set(table["image_id"].to_pylist()), len(table) - errors, errors
 
 
 # -- queries --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ mask plus rows with an error always equal the inputs. Explicit schemas keep colu
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,11 +22,25 @@ from .masks import unlabelled_value as unlabelled_value_for
 from .output import OUTPUT_SCHEMA
 
 READ_THREADS = 16  # concurrent object-store GETs per read task
+READ_ATTEMPTS = 4  # per object, for errors a retry can cure (503 SlowDown, resets, timeouts): 0.5 + 1 + 2 s waits
+READ_BACKOFF_SECONDS = 0.5
+
+# error_kind of an error row: whether re-running the job may cure it (see pipelines.labelling's --retry-errors)
+TRANSIENT, PERMANENT = "transient", "permanent"
+ERROR_KINDS = (TRANSIENT, PERMANENT)
 
 # error: set for inputs known bad before reading (a file name that is not UTF-8); they pass through as rows
-SOURCE_SCHEMA = pa.schema([("image_id", pa.string()), ("source_uri", pa.string()), ("error", pa.string())])
+SOURCE_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("source_uri", pa.string()), ("error", pa.string()), ("error_kind", pa.string())]
+)
 READ_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("source_uri", pa.string()), ("data", pa.large_binary()), ("error", pa.string())]
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("data", pa.large_binary()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+    ]
 )
 DECODED_SCHEMA = pa.schema(
     [
@@ -34,6 +50,7 @@ DECODED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("pixels", pa.large_binary()),  # H x W x 3 uint8, C order
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
 )
 PREDICTED_SCHEMA = pa.schema(
@@ -45,6 +62,7 @@ PREDICTED_SCHEMA = pa.schema(
         ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
         ("confidence", pa.large_binary()),  # H x W float32 max probability
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
 )
 
@@ -56,28 +74,61 @@ def describe_error(stage: str, err: BaseException) -> str:
     return text.replace("\n", " ")[:1000]
 
 
-def _read_one(uri: str) -> tuple[bytes | None, str | None]:
+def error_kind(stage: str, err: BaseException) -> str:
+    """``transient`` when running again may succeed (any read failure: a missing object may appear, a store may
+    recover, credentials may be fixed; the model running out of memory), else ``permanent`` (the bytes are bad)."""
+    if stage == "read":
+        return TRANSIENT
+    if stage == "model" and (isinstance(err, MemoryError) or "out of memory" in str(err).lower()):
+        return TRANSIENT  # torch.OutOfMemoryError, or the allocator's own message
+    return PERMANENT
+
+
+def _worth_retrying_now(err: BaseException) -> bool:
+    """Errors that a retry seconds later can cure; a missing object or a refused credential will not be."""
+    no_cure = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, ImportError)
+    return not isinstance(err, no_cure)
+
+
+def _read_one(uri: str | None) -> tuple[bytes | None, str | None]:
     if uri is None:
         return None, None
-    try:
-        return storage.read_bytes(uri), None
-    except Exception as err:  # each backend raises its own types; the row records why
-        return None, describe_error("read", err)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return storage.read_bytes(uri), None
+        except Exception as err:  # each backend raises its own types; the row records why
+            if attempt + 1 == READ_ATTEMPTS or not _worth_retrying_now(err):
+                message = describe_error("read", err)
+                return None, message if attempt == 0 else f"{message} (after {attempt + 1} attempts)"
+            time.sleep(READ_BACKOFF_SECONDS * 2**attempt * random.uniform(0.8, 1.2))  # jitter: no retry storms
+    raise AssertionError("unreachable")
+
+
+def column_or_nulls(batch: pa.Table, name: str) -> list:
+    """A column as a list, or nulls when the batch lacks it (e.g. ``error_kind`` from a caller's own table)."""
+    return batch[name].to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
 def read_image_bytes(batch: pa.Table) -> pa.Table:
-    """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently."""
+    """source_uri -> encoded bytes (``data``), reading a batch's objects concurrently; reads that fail with an
+    error a retry can cure are retried with backoff (:data:`READ_ATTEMPTS`). Every read error is transient."""
     uris = batch["source_uri"].to_pylist()
-    known = batch["error"].to_pylist() if "error" in batch.column_names else [None] * len(uris)
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
-        results = list(pool.map(_read_one, uris))
-    results = [(None, error) if error is not None else result for result, error in zip(results, known, strict=True)]
+    known, known_kinds = column_or_nulls(batch, "error"), column_or_nulls(batch, "error_kind")
+    todo = [i for i, error in enumerate(known) if error is None]
+    data: list[bytes | None] = [None] * len(uris)
+    errors = list(known)
+    kinds = [kind or (PERMANENT if error else None) for kind, error in zip(known_kinds, known, strict=True)]
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(todo)))) as pool:
+        for i, (content, error) in zip(todo, pool.map(_read_one, [uris[i] for i in todo]), strict=True):
+            data[i], errors[i] = content, error
+            kinds[i] = TRANSIENT if error is not None else None
     return pa.table(
         {
             "image_id": batch["image_id"],
             "source_uri": batch["source_uri"],
-            "data": pa.array([r[0] for r in results], pa.large_binary()),
-            "error": pa.array([r[1] for r in results], pa.string()),
+            "data": pa.array(data, pa.large_binary()),
+            "error": pa.array(errors, pa.string()),
+            "error_kind": pa.array(kinds, pa.string()),
         },
         schema=READ_SCHEMA,
     )
@@ -86,14 +137,14 @@ def read_image_bytes(batch: pa.Table) -> pa.Table:
 def decode_images(batch: pa.Table, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Encoded bytes -> RGB pixels (EXIF-oriented) and original size; undecodable rows get an error, and so do
     images over ``max_pixels`` (refused from their header)."""
-    widths, heights, pixels, errors = [], [], [], []
-    for data, error in zip(batch["data"].to_pylist(), batch["error"].to_pylist(), strict=True):
+    widths, heights, pixels, errors, kinds = [], [], [], [], column_or_nulls(batch, "error_kind")
+    for i, (data, error) in enumerate(zip(batch["data"].to_pylist(), batch["error"].to_pylist(), strict=True)):
         rgb = None
         if error is None:
             try:
                 rgb = decode_image(data, max_pixels)
             except Exception as err:  # a bad file becomes its own error row, never a failed batch
-                error = describe_error("decode", err)
+                error, kinds[i] = describe_error("decode", err), PERMANENT
         widths.append(None if rgb is None else rgb.shape[1])
         heights.append(None if rgb is None else rgb.shape[0])
         pixels.append(None if rgb is None else rgb.tobytes())
@@ -106,6 +157,7 @@ def decode_images(batch: pa.Table, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
             "height": pa.array(heights, pa.int32()),
             "pixels": pa.array(pixels, pa.large_binary()),
             "error": pa.array(errors, pa.string()),
+            "error_kind": pa.array(kinds, pa.string()),
         },
         schema=DECODED_SCHEMA,
     )
@@ -125,7 +177,7 @@ def encode_predictions(
     names = list(class_names)
     dtype, unlabelled = mask_dtype(len(names)), unlabelled_value_for(len(names))
     widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-    errors = batch["error"].to_pylist()
+    errors, kinds = batch["error"].to_pylist(), column_or_nulls(batch, "error_kind")
     masks, confidences, stats = [], [], []
     for i, (raw_labels, raw_confidence) in enumerate(
         zip(batch["labels"].to_pylist(), batch["confidence"].to_pylist(), strict=True)
@@ -142,7 +194,7 @@ def encode_predictions(
                 class_stats = class_statistics(mask, probability, names, unlabelled)
             except Exception as err:
                 mask_png = confidence_png = class_stats = None
-                errors[i] = describe_error("encode", err)
+                errors[i], kinds[i] = describe_error("encode", err), PERMANENT
         masks.append(mask_png)
         confidences.append(confidence_png)
         stats.append(class_stats)
@@ -157,6 +209,7 @@ def encode_predictions(
             "confidence_png": pa.array(confidences, pa.binary()),
             "class_stats": pa.array(stats, OUTPUT_SCHEMA.field("class_stats").type),
             "error": pa.array(errors, pa.string()),
+            "error_kind": pa.array(kinds, pa.string()),
             "run_id": pa.array([run_id] * rows, pa.string()),
             "model_id": pa.array([model_id] * rows, pa.string()),
             "vocab_id": pa.array([vocab_id] * rows, pa.string()),

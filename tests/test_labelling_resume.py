@@ -50,6 +50,20 @@ def _data_files(fs: s3fs.S3FileSystem, prefix: str) -> list[str]:
         return []
 
 
+def _settled_files(fs: s3fs.S3FileSystem, prefix: str, quiet_seconds: float = 2.0) -> list[str]:
+    """The data files once the listing has stopped changing for ``quiet_seconds`` (an upload that was in flight
+    when the job was killed may still complete on the server side)."""
+    files, since = _data_files(fs, prefix), time.monotonic()
+    deadline = since + 30
+    while time.monotonic() - since < quiet_seconds:
+        assert time.monotonic() < deadline, "the output kept changing after the job was killed"
+        time.sleep(0.5)
+        now = _data_files(fs, prefix)
+        if now != files:
+            files, since = now, time.monotonic()
+    return files
+
+
 @pytest.mark.timeout(300)
 def test_killed_job_resumes_with_exactly_one_row_per_image(s3_endpoint, s3_bucket, tiny_checkpoint, tmp_path):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -89,7 +103,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(s3_endpoint, s3_bucke
         time.sleep(0.5)
     assert not _group_members(first.pid)
 
-    committed = _data_files(fs, f"{s3_bucket}/labels/data")
+    committed = _settled_files(fs, f"{s3_bucket}/labels/data")
     rows_before = sum(pq.ParquetFile(fs.open(p)).metadata.num_rows for p in committed)
     assert 2 <= rows_before < IMAGES, "the job was not killed mid-run"
     manifest = read_manifest(output)

@@ -83,6 +83,7 @@ def _predicted(labels: np.ndarray, confidence: np.ndarray, error: str | None = N
             "labels": pa.array([labels.tobytes(), None], pa.large_binary()),
             "confidence": pa.array([confidence.astype(np.float32).tobytes(), None], pa.large_binary()),
             "error": [None, "decode: empty file (0 bytes)"],
+            "error_kind": [None, "permanent"],
         },
         schema=PREDICTED_SCHEMA,
     )
