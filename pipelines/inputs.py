@@ -293,7 +293,7 @@ def _list_top(input_uri: str, plan_root: str) -> dict[str, Any]:
                 _add_listed(rows, [path], prefix)
                 return rows.finish(folders=[])
             entries = fs.ls(path, detail=True)
-        files = [e["name"] for e in entries if e["type"] == "file"]
+        files = [e["name"] for e in entries if e["type"] != "directory"]  # a dangling link too: its read fails
         folders = sorted(prefix + e["name"] for e in entries if e["type"] == "directory" and e["name"] != path)
         _add_listed(rows, files, prefix)
         return rows.finish(folders=folders)
