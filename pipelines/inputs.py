@@ -5,15 +5,17 @@
                and the rows go to <output>/_inputs/sources/b=NN/ by the id's bucket (the id's first hex digits)
     committed  tasks over groups of the committed output files read their image_id and error columns (footers
                checked concurrently; half-written files deleted), bucketed the same way into committed/b=NN/
-    join       a task per bucket: duplicate inputs dropped, images already committed kept out unless their row
-               is an error to retry (--retry-errors), the rest written to todo/b=NN.parquet, the rows to retry
-               to retry/f=MM/ (grouped by the output file that holds them)
+    join       tasks over ranges of buckets: duplicate inputs dropped, images already committed kept out
+               unless their row is an error to retry (--retry-errors); the rest go to todo/*.parquet, the rows
+               to retry to retry/f=MM/ (grouped by the output file that holds them)
     supersede  a task per group of output files: each file holding a row to retry is replaced in one step by
-               the same file without it, so after the retried image's new row lands there is one row per image
+               the same file without it, before the image is labelled again: never two rows for one image
 
-Each task holds one bucket (1/64 of the inputs) or one chunk of a listing or manifest, so memory per task is
-bounded and the driver's memory does not grow with the lake. The labelling reads ``todo/`` as a streaming source.
-A plan is made afresh by every attempt (the listing may have changed); the last one stays under ``_inputs/``.
+Each task holds a few buckets (at most ROWS_PER_JOIN_TASK rows) or one chunk of a listing or manifest, so its
+memory is bounded, and the driver's does not grow with the lake. The labelling reads ``todo/`` as a streaming
+source. Every attempt plans afresh (the listing may have changed); the last plan stays under ``_inputs/``.
+Ray Data's own ``join`` would do the anti-join through hash-shuffle aggregator actors (and polars); plain tasks
+over hash buckets need only CPUs and pyarrow, and show their memory bound in the code.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ ROWS_PER_FLUSH = 200_000  # a source task writes its buckets every this many row
 LISTING_TASKS = 32  # at most this many tasks list the sub-folders of a prefix
 FILES_PER_SCAN_TASK = 256  # committed output files per scan task
 TODO_ROWS_PER_FILE = 2048  # each to-do file is one read task of the labelling
+ROWS_PER_JOIN_TASK = 250_000  # inputs plus committed rows per join task (a range of buckets)
 PLAN_CPUS = 0.5
 ORDER_SHIFT = 40  # order = chunk << 40 | row: listing / manifest order, for --limit
 RETRY_POLICIES = {"transient": (TRANSIENT,), "all": (TRANSIENT, PERMANENT), "none": ()}
@@ -394,38 +397,56 @@ def _first_of_each_id(table: pa.Table) -> tuple[pa.Table, int]:
     return kept, table.num_rows - kept.num_rows
 
 
+def _join_bucket(
+    plan_root: str, bucket: int, cutoff: int | None, retry_states: tuple[str, ...]
+) -> tuple[pa.Table, int, int, pa.Table]:
+    """Inputs of one bucket minus what is committed (unless it is an error to retry): (to-do rows, inputs,
+    duplicates, the committed rows to supersede)."""
+    name = f"b={bucket:02d}"
+    sources = _read_tables(storage.join(plan_root, "sources", name), PLAN_SCHEMA)
+    if cutoff is not None:
+        sources = sources.filter(pc.less(sources["order"], cutoff))
+    sources, duplicates = _first_of_each_id(sources)
+    committed = _read_tables(storage.join(plan_root, "committed", name), COMMITTED_SCHEMA)
+    to_retry = pc.is_in(committed["state"], pa.array(list(retry_states), pa.string()))
+    kept = committed.filter(pc.invert(to_retry)).select(["image_id"])
+    todo = sources.join(kept, "image_id", join_type="left anti")
+    retry = committed.filter(to_retry).join(sources.select(["image_id"]), "image_id", join_type="left semi")
+    return todo, sources.num_rows, duplicates, retry
+
+
 @ray.remote(num_cpus=PLAN_CPUS)
-def _join_bucket(plan_root: str, bucket: int, cutoff: int | None, retry_states: tuple[str, ...]) -> dict[str, Any]:
-    """Inputs of one bucket minus what is committed (unless it is an error to retry): its to-do file and the
-    rows to supersede."""
+def _join_buckets(
+    plan_root: str, buckets: list[int], cutoff: int | None, retry_states: tuple[str, ...], task: int
+) -> dict[str, Any]:
+    """A range of buckets: their to-do files, and the rows to supersede grouped by the file that holds them."""
     try:
-        name = f"b={bucket:02d}"
-        sources = _read_tables(storage.join(plan_root, "sources", name), PLAN_SCHEMA)
-        if cutoff is not None:
-            sources = sources.filter(pc.less(sources["order"], cutoff))
-        sources, duplicates = _first_of_each_id(sources)
-        committed = _read_tables(storage.join(plan_root, "committed", name), COMMITTED_SCHEMA)
-        to_retry = pc.is_in(committed["state"], pa.array(list(retry_states), pa.string()))
-        kept = committed.filter(pc.invert(to_retry)).select(["image_id"])
-        todo = sources.join(kept, "image_id", join_type="left anti").sort_by("order")
-        retry = committed.filter(to_retry).join(sources.select(["image_id"]), "image_id", join_type="left semi")
         fs, root = storage.filesystem(plan_root)
+        todo_tables, inputs, duplicates, retried = [], 0, 0, Counter()
+        groups_seen: set[int] = set()
+        for bucket in buckets:
+            todo, bucket_inputs, bucket_duplicates, retry = _join_bucket(plan_root, bucket, cutoff, retry_states)
+            todo_tables.append(todo)
+            inputs, duplicates = inputs + bucket_inputs, duplicates + bucket_duplicates
+            retried.update(retry["state"].to_pylist())
+            groups = np.array([zlib.crc32(f.encode()) % FILE_GROUPS for f in retry["file"].to_pylist()], np.int16)
+            for group in np.unique(groups):
+                part = retry.filter(pa.array(groups == group)).select(["file", "image_id"])
+                _write_table(fs, posixpath.join(root, "retry", f"f={group:02d}", f"b={bucket:02d}"), part)
+                groups_seen.add(int(group))
+        todo = pa.concat_tables(todo_tables).sort_by("order").drop_columns(["order"])
         todo_files = []
-        for start in range(0, todo.num_rows, TODO_ROWS_PER_FILE):  # files are the labelling's read tasks
-            path = posixpath.join(root, "todo", f"part-b{bucket:02d}-{start // TODO_ROWS_PER_FILE:05d}")
-            _write_table(fs, path, todo.slice(start, TODO_ROWS_PER_FILE).drop_columns(["order"]))
+        for start in range(0, todo.num_rows, TODO_ROWS_PER_FILE):  # each file is one read task of the labelling
+            path = posixpath.join(root, "todo", f"part-{task:02d}-{start // TODO_ROWS_PER_FILE:05d}")
+            _write_table(fs, path, todo.slice(start, TODO_ROWS_PER_FILE))
             todo_files.append(path + ".parquet")
-        groups = np.array([zlib.crc32(f.encode()) % FILE_GROUPS for f in retry["file"].to_pylist()], np.int16)
-        for group in np.unique(groups):
-            part = retry.filter(pa.array(groups == group)).select(["file", "image_id"])
-            _write_table(fs, posixpath.join(root, "retry", f"f={group:02d}", name), part)
         return {
-            "inputs": sources.num_rows,
+            "inputs": inputs,
             "duplicates": duplicates,
             "todo": todo.num_rows,
-            "retry": dict(Counter(retry["state"].to_pylist())),
+            "retry": dict(retried),
             "todo_files": todo_files,
-            "retry_groups": [int(g) for g in np.unique(groups)],
+            "retry_groups": sorted(groups_seen),
         }
     except Exception as err:
         return _failure(err)
@@ -560,8 +581,12 @@ def plan_inputs(
         )
 
     cutoff = _cutoff([(r["chunk"], r["rows"]) for r in sources], limit)
+    listed = sum(r["rows"] for r in sources) + sum(sum(scan["states"].values()) for scan in scans)
+    tasks = min(BUCKETS, max(1, -(-listed // ROWS_PER_JOIN_TASK)))  # small inputs: one task, not 64
+    bucket_ranges = _chunked(list(range(BUCKETS)), tasks)
     joins = ray.get([
-        _join_bucket.remote(plan_root, bucket, cutoff, RETRY_POLICIES[retry_errors]) for bucket in range(BUCKETS)
+        _join_buckets.remote(plan_root, buckets, cutoff, RETRY_POLICIES[retry_errors], task)
+        for task, buckets in enumerate(bucket_ranges)
     ])  # fmt: skip
     _raise_failures(joins)
     retry: Counter = Counter()

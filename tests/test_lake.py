@@ -21,7 +21,7 @@ from fault_proxy import FaultPolicy, FaultProxy
 from labelling_samples import bad_images, encode_image, good_images, noise_array, upload
 from PIL import Image
 
-from pipelines.inputs import image_id_for, plan_inputs
+from pipelines.inputs import TODO_ROWS_PER_FILE, image_id_for, plan_inputs
 from pipelines.labelling import LabelConfig, run_labelling
 from pipelines.models import resolve_model
 from pipelines.output import OutputConflictError
@@ -126,7 +126,7 @@ def test_a_manifest_of_20k_missing_objects_is_planned_without_per_image_driver_m
         assert (plan.inputs, plan.todo) == (count, count)
         todo = pq.read_table(plan.todo_files[0])
         assert set(todo.column_names) == {"image_id", "source_uri", "error", "error_kind"}
-        assert len(plan.todo_files) == 64 * -(-count // 64 // 2048)  # a few files per bucket, never per image
+        assert len(plan.todo_files) == -(-count // TODO_ROWS_PER_FILE)  # files of thousands of rows
     # The old driver held a tuple, an id and a set entry per URI: about 8 MB for 20k. Now: counts and file paths.
     assert peaks[20_000] < 1.5 * peaks[2_000] + 256 * 1024, peaks
 
