@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--plan-only", action="store_true", help="measure planning only (no labelling)")
+    parser.add_argument("--rows-per-file", type=int, default=256, help="jobs.label's option (its default: 256)")
     args = parser.parse_args()
 
     import ray
@@ -72,7 +73,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sampler = PeakRSS()
-    print(f"machine: {os.cpu_count()} CPUs; Ray {ray.__version__}; driver RSS after Ray start {rss_mib():.0f} MiB")
+    print(f"machine: {os.cpu_count()} CPUs; Ray {ray.__version__}; driver RSS after Ray start {rss_mib():.0f} MiB; "
+          f"--rows-per-file {args.rows_per_file}")  # fmt: skip
     print("| URIs | planning | driver peak RSS growth, planning | end to end | rows/s | driver peak RSS growth, run |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -98,6 +100,7 @@ def main() -> None:
             manifest_uri=str(manifest),
             num_gpus_per_actor=0,
             cpus_per_actor=0.5,
+            rows_per_file=args.rows_per_file,
         )
         base = sampler.reset()
         started = time.perf_counter()

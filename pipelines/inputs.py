@@ -20,6 +20,7 @@ over hash buckets need only CPUs and pyarrow, and show their memory bound in the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import posixpath
@@ -36,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from . import storage
 from .output import data_uri, is_committed, is_data_file, replace_file
@@ -49,7 +52,7 @@ FILE_GROUPS = 16  # output files to rewrite, grouped by a hash of their name
 ROWS_PER_FLUSH = 200_000  # a source task writes its buckets every this many rows (its memory bound)
 LISTING_TASKS = 32  # at most this many tasks list the sub-folders of a prefix
 FILES_PER_SCAN_TASK = 256  # committed output files per scan task
-TODO_ROWS_PER_FILE = 2048  # each to-do file is one read task of the labelling
+TODO_ROWS_PER_FILE = 2048  # rows per to-do file; its row groups are the labelling's blocks
 ROWS_PER_JOIN_TASK = 250_000  # inputs plus committed rows per join task (a range of buckets)
 PLAN_CPUS = 0.5
 ORDER_SHIFT = 40  # order = chunk << 40 | row: listing / manifest order, for --limit
@@ -228,10 +231,10 @@ class _BucketWriter:
         self.columns = {column: [] for column in self.schema.names}
 
 
-def _write_table(fs: Any, path: str, table: pa.Table) -> None:
+def _write_table(fs: Any, path: str, table: pa.Table, row_group_rows: int | None = None) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path + ".parquet", "wb") as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, row_group_size=row_group_rows)
 
 
 def _read_tables(uri: str, schema: pa.Schema) -> pa.Table:
@@ -417,7 +420,12 @@ def _join_bucket(
 
 @ray.remote(num_cpus=PLAN_CPUS)
 def _join_buckets(
-    plan_root: str, buckets: list[int], cutoff: int | None, retry_states: tuple[str, ...], task: int
+    plan_root: str,
+    buckets: list[int],
+    cutoff: int | None,
+    retry_states: tuple[str, ...],
+    block_rows: int,
+    task: int,
 ) -> dict[str, Any]:
     """A range of buckets: their to-do files, and the rows to supersede grouped by the file that holds them."""
     try:
@@ -435,11 +443,12 @@ def _join_buckets(
                 _write_table(fs, posixpath.join(root, "retry", f"f={group:02d}", f"b={bucket:02d}"), part)
                 groups_seen.add(int(group))
         todo = pa.concat_tables(todo_tables).sort_by("order").drop_columns(["order"])
-        todo_files = []
-        for start in range(0, todo.num_rows, TODO_ROWS_PER_FILE):  # each file is one read task of the labelling
-            path = posixpath.join(root, "todo", f"part-{task:02d}-{start // TODO_ROWS_PER_FILE:05d}")
-            _write_table(fs, path, todo.slice(start, TODO_ROWS_PER_FILE))
-            todo_files.append(path + ".parquet")
+        todo_files, file_rows = [], max(block_rows, TODO_ROWS_PER_FILE // block_rows * block_rows)
+        for start in range(0, todo.num_rows, file_rows):
+            path = posixpath.join(root, "todo", f"part-{task:02d}-{start // file_rows:05d}")
+            rows = todo.slice(start, file_rows)
+            _write_table(fs, path, rows, row_group_rows=block_rows)  # a row group is one block of the labelling
+            todo_files.append((path + ".parquet", -(-rows.num_rows // block_rows)))
         return {
             "inputs": inputs,
             "duplicates": duplicates,
@@ -494,7 +503,7 @@ class InputPlan:
     committed: dict[str, int] = field(default_factory=dict)  # rows of the output before the attempt, per state
     retry: dict[str, int] = field(default_factory=dict)  # committed error rows labelled again, per kind
     todo: int = 0
-    todo_files: list[str] = field(default_factory=list)  # paths inside the output's filesystem
+    todo_files: list[tuple[str, int]] = field(default_factory=list)  # (path in the output's filesystem, row groups)
     superseded_rows: int = 0
     removed_incomplete: int = 0
 
@@ -535,9 +544,11 @@ def plan_inputs(
     limit: int | None,
     retry_errors: str,
     conflict: type[Exception],
+    block_rows: int = 256,
 ) -> InputPlan:
     """Plan an attempt on the connected cluster: list or read the inputs, subtract what is committed, supersede
-    the rows to retry. ``conflict`` is raised when the output holds rows of another run."""
+    the rows to retry. ``conflict`` is raised when the output holds rows of another run. The to-do files are
+    written in row groups of ``block_rows`` rows: the labelling's blocks (:func:`read_todo_blocks`)."""
     plan_root = plan_root_uri(output_uri)
     fs, root = storage.filesystem(plan_root)
     if fs.exists(root):
@@ -585,7 +596,7 @@ def plan_inputs(
     tasks = min(BUCKETS, max(1, -(-listed // ROWS_PER_JOIN_TASK)))  # small inputs: one task, not 64
     bucket_ranges = _chunked(list(range(BUCKETS)), tasks)
     joins = ray.get([
-        _join_buckets.remote(plan_root, buckets, cutoff, RETRY_POLICIES[retry_errors], task)
+        _join_buckets.remote(plan_root, buckets, cutoff, RETRY_POLICIES[retry_errors], block_rows, task)
         for task, buckets in enumerate(bucket_ranges)
     ])  # fmt: skip
     _raise_failures(joins)
@@ -631,6 +642,33 @@ def count_attempt_rows(output_uri: str, attempt_id: str) -> dict[str, int]:
     for scan in scans:
         states.update(scan["states"])
     return dict(states)
+
+
+def _read_row_group(plan_uri: str, path: str, group: int) -> list[pa.Table]:
+    filesystem = storage.filesystem(plan_uri)[0]
+    with filesystem.open(path, "rb") as f:
+        return [pq.ParquetFile(f).read_row_group(group)]
+
+
+class TodoDatasource(Datasource):
+    """The plan's to-do rows as a Ray Data source: one block (one read task) per row group of the to-do files.
+
+    The driver holds one small read task per block (``block_rows`` images), and none of the rows."""
+
+    def __init__(self, plan_uri: str, todo_files: list[tuple[str, int]], block_rows: int, schema: pa.Schema) -> None:
+        super().__init__()
+        self.plan_uri, self.todo_files, self.block_rows, self.schema = plan_uri, todo_files, block_rows, schema
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(groups for _, groups in self.todo_files) * self.block_rows * 200
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=self.block_rows * 200, input_files=None, exec_stats=None)
+        return [
+            ReadTask(functools.partial(_read_row_group, self.plan_uri, path, group), metadata, schema=self.schema)
+            for path, groups in self.todo_files
+            for group in range(groups)
+        ]
 
 
 def new_attempt_id() -> str:

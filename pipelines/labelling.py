@@ -13,7 +13,8 @@ raw bytes), so a batch of only failures still has the right column types.
 
 Inputs are planned on the cluster (:mod:`pipelines.inputs`): the listing or manifest, minus the images this run has
 already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the driver only holds
-counts. Reads and decodes run in tasks of :data:`IO_ROWS` rows, the model stage at ``batch_size``.
+counts. Blocks of ``rows_per_file`` rows flow from read to write (each read call fetches :data:`IO_ROWS` objects
+concurrently); the decode and model stages work ``batch_size`` rows at a time.
 
 Resume and healing: each run has a ``run_id`` (by default a hash of input, vocabulary, model and result-affecting
 options). Re-running the same command labels what is missing, and again the error rows worth retrying
@@ -39,8 +40,10 @@ from . import cluster, storage
 from .images import DEFAULT_MAX_PIXELS
 from .inputs import (
     RETRY_POLICIES,
+    TODO_ROWS_PER_FILE,
     InputPlan,
     NoInputsError,
+    TodoDatasource,
     check_source,
     count_attempt_rows,
     image_id_for,
@@ -180,28 +183,27 @@ class _AttemptFiles(FilenameProvider):
         return f"{self.attempt_id}-{write_uuid}-{task_index:06d}.parquet"
 
 
-def label_images(todo_files: list[str], config: LabelConfig, run_id: str, actors: ModelActors, attempt_id: str) -> None:
+def label_images(
+    todo_files: list[tuple[str, int]], config: LabelConfig, run_id: str, actors: ModelActors, attempt_id: str
+) -> None:
     """The labelling chain: to-do rows (image_id, source_uri, known error) -> read -> decode -> model -> encode
     -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.output`)."""
     names = list(config.vocabulary.names)
-    # Blocks of IO_ROWS rows from read to write: few tasks per row, and a file commits every few blocks. The
-    # decode and model stages work batch_size rows at a time inside a block (decode emits a block per batch when
-    # the pixels outgrow Ray's block size). Small --rows-per-file means small blocks: commit that often.
-    block_rows = min(IO_ROWS, config.rows_per_file)
-    plan_fs, _ = arrow_filesystem(plan_root_uri(config.output_uri))
+    # Blocks of rows_per_file rows (the to-do files' row groups) from read to write: a file commits per block, and
+    # per-block overhead (tens of ms over the stages) stays small against the rows even when every row is an
+    # error. Ray splits blocks that outgrow its block size (read bytes, decoded pixels) inside their task.
+    block_rows = min(config.rows_per_file, TODO_ROWS_PER_FILE)
+    blocks = sum(groups for _, groups in todo_files)
     fs, path = arrow_filesystem(data_uri(config.output_uri))
     context = ray.data.DataContext.get_current()
     context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_WRITE_ERRORS]))
     (
-        ray.data.read_parquet(
-            todo_files,
-            filesystem=plan_fs,
-            schema=SOURCE_SCHEMA,
-            partitioning=None,
-            ray_remote_args={"num_cpus": READ_CPUS},
+        ray.data.read_datasource(
+            TodoDatasource(plan_root_uri(config.output_uri), todo_files, block_rows, SOURCE_SCHEMA),
+            override_num_blocks=blocks,
+            ray_remote_args={"num_cpus": READ_CPUS},  # fused with the read stage below
         )
-        .repartition(target_num_rows_per_block=block_rows)  # to-do files hold thousands of (tiny) rows
-        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=block_rows, num_cpus=READ_CPUS)
+        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=IO_ROWS, num_cpus=READ_CPUS)
         .map_batches(
             decode_images,
             fn_kwargs={"max_pixels": config.max_pixels},
@@ -344,6 +346,7 @@ def run_labelling(config: LabelConfig) -> RunSummary:
         limit=config.limit,
         retry_errors=config.retry_errors,
         conflict=OutputConflictError,
+        block_rows=min(config.rows_per_file, TODO_ROWS_PER_FILE),  # label_images reads one row group per block
     )
     planning_seconds = time.perf_counter() - planning_started
     if plan.inputs == 0 and config.limit != 0:

@@ -7,6 +7,7 @@ mask plus rows with an error always equal the inputs. Explicit schemas keep colu
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Sequence
@@ -104,6 +105,12 @@ def _read_one(uri: str | None) -> tuple[bytes | None, str | None]:
     raise AssertionError("unreachable")
 
 
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    """One pool per worker process: starting 16 threads per batch cost more than reading a missing object."""
+    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="catseg-read")
+
+
 def column_or_nulls(batch: pa.Table, name: str) -> list:
     """A column as a list, or nulls when the batch lacks it (e.g. ``error_kind`` from a caller's own table)."""
     return batch[name].to_pylist() if name in batch.column_names else [None] * batch.num_rows
@@ -118,10 +125,9 @@ def read_image_bytes(batch: pa.Table) -> pa.Table:
     data: list[bytes | None] = [None] * len(uris)
     errors = list(known)
     kinds = [kind or (PERMANENT if error else None) for kind, error in zip(known_kinds, known, strict=True)]
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(todo)))) as pool:
-        for i, (content, error) in zip(todo, pool.map(_read_one, [uris[i] for i in todo]), strict=True):
-            data[i], errors[i] = content, error
-            kinds[i] = TRANSIENT if error is not None else None
+    for i, (content, error) in zip(todo, _read_pool().map(_read_one, [uris[i] for i in todo]), strict=True):
+        data[i], errors[i] = content, error
+        kinds[i] = TRANSIENT if error is not None else None
     return pa.table(
         {
             "image_id": batch["image_id"],

@@ -124,7 +124,7 @@ def test_a_manifest_of_20k_missing_objects_is_planned_without_per_image_driver_m
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert (plan.inputs, plan.todo) == (count, count)
-        todo = pq.read_table(plan.todo_files[0])
+        todo = pq.read_table(plan.todo_files[0][0])
         assert set(todo.column_names) == {"image_id", "source_uri", "error", "error_kind"}
         assert len(plan.todo_files) == -(-count // TODO_ROWS_PER_FILE)  # files of thousands of rows
     # The old driver held a tuple, an id and a set entry per URI: about 8 MB for 20k. Now: counts and file paths.
