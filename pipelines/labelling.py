@@ -203,7 +203,7 @@ def label_images(
             override_num_blocks=blocks,
             ray_remote_args={"num_cpus": READ_CPUS},  # fused with the read stage below
         )
-        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=IO_ROWS, num_cpus=READ_CPUS)
+        .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=min(IO_ROWS, block_rows), num_cpus=READ_CPUS)
         .map_batches(
             decode_images,
             fn_kwargs={"max_pixels": config.max_pixels},
