@@ -201,7 +201,7 @@ def label_images(
         ray.data.read_datasource(
             TodoDatasource(plan_root_uri(config.output_uri), todo_files, block_rows, SOURCE_SCHEMA),
             override_num_blocks=blocks,
-            ray_remote_args={"num_cpus": READ_CPUS},  # fused with the read stage below
+            ray_remote_args={"num_cpus": READ_CPUS},  # a fraction of a CPU, like the other CPU stages
         )
         .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=min(IO_ROWS, block_rows), num_cpus=READ_CPUS)
         .map_batches(
