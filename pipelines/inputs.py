@@ -20,6 +20,7 @@ over hash buckets need only CPUs and pyarrow, and show their memory bound in the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -41,7 +42,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from . import storage
-from .output import data_uri, is_committed, is_data_file, replace_file
+from .output import data_files, data_uri, is_committed, replace_file
 from .stages import PERMANENT, TRANSIENT
 
 logger = logging.getLogger(__name__)
@@ -114,18 +115,16 @@ def manifest_files(manifest_uri: str) -> list[str]:
         if _is_glob(path):
             paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
         elif fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if p.lower().endswith(MANIFEST_SUFFIXES) and is_data_name(p))
+            paths = sorted(
+                p for p in fs.find(path) if p.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_hidden(p)
+            )
         elif fs.exists(path):
             return [manifest_uri]
         else:
             raise FileNotFoundError(f"no manifest at {manifest_uri}: check the path")
     if not paths:
         raise FileNotFoundError(f"no manifest files ({', '.join(MANIFEST_SUFFIXES)}) at {manifest_uri}")
-    return [prefix + p if prefix and not p.startswith(prefix) else p for p in paths]
-
-
-def is_data_name(path: str) -> bool:
-    return not posixpath.basename(path).startswith((".", "_"))
+    return [storage.with_protocol(prefix, p) for p in paths]
 
 
 def _is_glob(path: str) -> bool:
@@ -144,38 +143,28 @@ def _manifest_columns(uri: str) -> list[str]:
         return list(reader.schema.names)
 
 
-class _open_manifest:  # noqa: N801 (a context manager used like open())
-    """A streaming reader of record batches over one manifest file (only ``column`` read when given)."""
+@contextlib.contextmanager
+def _open_manifest(uri: str, column: str | None) -> Iterator[Any]:
+    """A streaming reader of record batches (with ``.schema``) over one manifest file; only ``column`` when
+    given."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
 
-    def __init__(self, uri: str, column: str | None) -> None:
-        self.uri, self.column = uri, column
-
-    def __enter__(self) -> Any:
-        import pyarrow.csv as pacsv
-        import pyarrow.json as pajson
-
-        fs, path = storage.filesystem(self.uri)
-        self._errors = storage.access_errors("read", self.uri)
-        self._errors.__enter__()
-        self._file = fs.open(path, "rb")
-        kind = _manifest_format(self.uri)
+    fs, path = storage.filesystem(uri)
+    with storage.access_errors("read", uri), fs.open(path, "rb") as file:
+        kind = _manifest_format(uri)
         if kind in ("csv", "tsv"):
             convert = pacsv.ConvertOptions(
-                column_types={self.column: pa.string()} if self.column else None,
-                include_columns=[self.column] if self.column else None,
+                column_types={column: pa.string()} if column else None,
+                include_columns=[column] if column else None,
             )
             parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
-            compression = "gzip" if self.uri.lower().endswith(".gz") else None
-            source = pa.CompressedInputStream(self._file, compression) if compression else self._file
-            return pacsv.open_csv(source, parse_options=parse, convert_options=convert)
-        if kind == "json":
-            return pajson.open_json(self._file)
-        parquet = pq.ParquetFile(self._file)
-        return _ParquetBatches(parquet, self.column)
-
-    def __exit__(self, *exc: object) -> None:
-        self._file.close()
-        self._errors.__exit__(*exc)
+            source = pa.CompressedInputStream(file, "gzip") if uri.lower().endswith(".gz") else file
+            yield pacsv.open_csv(source, parse_options=parse, convert_options=convert)
+        elif kind == "json":
+            yield pajson.open_json(file)
+        else:
+            yield _ParquetBatches(pq.ParquetFile(file), column)
 
 
 class _ParquetBatches:
@@ -280,7 +269,7 @@ class _SourceRows:
 def _add_listed(rows: _SourceRows, paths: list[str], prefix: str) -> None:
     for path in sorted(paths):
         if path.lower().endswith(storage.IMAGE_SUFFIXES):
-            rows.add(prefix + path if prefix and not path.startswith(prefix) else path)
+            rows.add(storage.with_protocol(prefix, path))
         else:
             rows.skipped[posixpath.splitext(path)[1].lower() or "(none)"] += 1
 
@@ -300,7 +289,9 @@ def _list_top(input_uri: str, plan_root: str) -> dict[str, Any]:
                 return rows.finish(folders=[])
             entries = fs.ls(path, detail=True)
         files = [e["name"] for e in entries if e["type"] != "directory"]  # a dangling link too: its read fails
-        folders = sorted(prefix + e["name"] for e in entries if e["type"] == "directory" and e["name"] != path)
+        folders = sorted(
+            storage.with_protocol(prefix, e["name"]) for e in entries if e["type"] == "directory" and e["name"] != path
+        )
         _add_listed(rows, files, prefix)
         return rows.finish(folders=folders)
     except Exception as err:  # returned, re-raised on the driver as one line
@@ -555,7 +546,7 @@ def plan_inputs(
         fs.rm(root, recursive=True)  # the previous attempt's plan: the inputs may have changed since
     data_root = data_uri(output_uri)
 
-    committed_scan = _start_committed_scan(data_root, plan_root)
+    committed_scan = _start_committed_scan(output_uri, plan_root)
     if manifest_uri is not None:
         sources = ray.get([
             _read_manifest.remote(uri, uri_column, plan_root, chunk)
@@ -621,22 +612,18 @@ def plan_inputs(
     return plan
 
 
-def _start_committed_scan(data_root: str, plan_root: str | None, names_start: str = "") -> list[ray.ObjectRef]:
-    """Scan tasks over the committed files (all, or those whose name starts with ``names_start``)."""
-    fs, root = storage.filesystem(data_root)
-    fs.invalidate_cache(root)  # another process (or Ray's writers) may have written since the last listing
-    if not fs.isdir(root):
-        return []
-    files = [
-        p for p in sorted(fs.find(root)) if is_data_file(p) and posixpath.basename(p).startswith(names_start)
-    ]  # one path per output file (hundreds of rows), not per image
+def _start_committed_scan(output_uri: str, plan_root: str | None, names_start: str = "") -> list[ray.ObjectRef]:
+    """Scan tasks over the output's data files (all, or those whose name starts with ``names_start``)."""
+    _, files = data_files(output_uri)
+    files = [path for path in files if posixpath.basename(path).startswith(names_start)]
     groups = [files[i : i + FILES_PER_SCAN_TASK] for i in range(0, len(files), FILES_PER_SCAN_TASK)]
+    data_root = data_uri(output_uri)
     return [_scan_committed.remote(group, data_root, plan_root, i) for i, group in enumerate(groups)]
 
 
 def count_attempt_rows(output_uri: str, attempt_id: str) -> dict[str, int]:
     """Rows per state (ok / transient / permanent) in the files this attempt wrote (named by its id)."""
-    scans = ray.get(_start_committed_scan(data_uri(output_uri), None, names_start=attempt_id))
+    scans = ray.get(_start_committed_scan(output_uri, None, names_start=attempt_id))
     _raise_failures(scans)
     states: Counter = Counter()
     for scan in scans:

@@ -14,7 +14,6 @@ and skips the images already labelled; a file is only ever replaced in one step 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import posixpath
 import uuid
@@ -33,8 +32,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
 from .masks import decode_mask_png, rle_encode
-
-logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
@@ -149,8 +146,17 @@ def _now() -> str:
 # -- committed data -------------------------------------------------------------------------------------------
 def is_data_file(path: str) -> bool:
     """Names Ray Data writes; hidden and underscore names are temporary files (and Spark's convention)."""
-    name = posixpath.basename(path)
-    return name.endswith(".parquet") and not name.startswith((".", "_"))
+    return path.endswith(".parquet") and not storage.is_hidden(path)
+
+
+def data_files(output_uri: str) -> tuple[Any, list[str]]:
+    """(filesystem, sorted paths of the data files under ``<output>/data``), committed or not, freshly listed:
+    one path per output file (hundreds of rows), not per image."""
+    fs, root = storage.filesystem(data_uri(output_uri))
+    fs.invalidate_cache(root)  # listings are cached per filesystem instance; another process may have written
+    if not fs.isdir(root):
+        return fs, []
+    return fs, [path for path in sorted(fs.find(root)) if is_data_file(path)]
 
 
 def is_committed(fs: Any, path: str) -> bool:
@@ -163,23 +169,15 @@ def is_committed(fs: Any, path: str) -> bool:
     return True
 
 
-def parquet_files(output_uri: str, *, remove_incomplete: bool = False) -> list[str]:
+def parquet_files(output_uri: str) -> list[str]:
     """Paths (inside their filesystem) of the committed Parquet files under ``<output>/data``.
 
-    Files whose footer cannot be read were cut off by a killed writer; with ``remove_incomplete`` they are
-    deleted (their rows are simply labelled again), otherwise skipped. Footers are read concurrently.
+    Files whose footer cannot be read were cut off by a killed writer and are skipped (the next labelling
+    attempt deletes them and labels their rows again). Footers are read concurrently.
     """
-    fs, root = storage.filesystem(data_uri(output_uri))
-    fs.invalidate_cache(root)  # listings are cached per filesystem instance; another process may have written
-    if not fs.isdir(root):
-        return []
-    candidates = [path for path in sorted(fs.find(root)) if is_data_file(path)]
+    fs, candidates = data_files(output_uri)
     with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
         complete = list(pool.map(lambda path: is_committed(fs, path), candidates))
-    for path, ok in zip(candidates, complete, strict=True):
-        if not ok and remove_incomplete:
-            logger.warning("removing incomplete output file %s", path)
-            fs.rm(path)
     return [path for path, ok in zip(candidates, complete, strict=True) if ok]
 
 

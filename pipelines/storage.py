@@ -49,6 +49,16 @@ def protocol_prefix(uri: str) -> str:
     return uri.split("://", 1)[0] + "://" if "://" in uri else ""
 
 
+def with_protocol(prefix: str, path: str) -> str:
+    """A path from an fsspec listing back as a URI (``prefix`` from :func:`protocol_prefix`)."""
+    return prefix + path if prefix and not path.startswith(prefix) else path
+
+
+def is_hidden(path: str) -> bool:
+    """Hidden and underscore names: temporary files, and metadata beside data (Spark's and our convention)."""
+    return posixpath.basename(path).startswith((".", "_"))
+
+
 def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
@@ -93,7 +103,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None, skipped: Count
                 posixpath.splitext(p)[1].lower() or "(none)" for p in paths if not p.lower().endswith(suffixes)
             )
         paths = [p for p in paths if p.lower().endswith(suffixes)]
-    return sorted(prefix + p if prefix and not p.startswith(prefix) else p for p in paths)
+    return sorted(with_protocol(prefix, p) for p in paths)
 
 
 def stem(uri: str) -> str:
