@@ -164,6 +164,11 @@ class LabelConfig:
                        **resources},
         }  # fmt: skip
 
+    @property
+    def block_rows(self) -> int:
+        """Rows per Ray Data block from read to write: the to-do files' row group size."""
+        return min(self.rows_per_file, TODO_ROWS_PER_FILE)
+
     def resolved_run_id(self) -> str:
         if self.run_id:
             return self.run_id
@@ -192,7 +197,7 @@ def label_images(
     # Blocks of rows_per_file rows (the to-do files' row groups) from read to write: a file commits per block, and
     # per-block overhead (tens of ms over the stages) stays small against the rows even when every row is an
     # error. Ray splits blocks that outgrow its block size (read bytes, decoded pixels) inside their task.
-    block_rows = min(config.rows_per_file, TODO_ROWS_PER_FILE)
+    block_rows = config.block_rows
     blocks = sum(groups for _, groups in todo_files)
     fs, path = arrow_filesystem(data_uri(config.output_uri))
     context = ray.data.DataContext.get_current()
@@ -346,7 +351,7 @@ def run_labelling(config: LabelConfig) -> RunSummary:
         limit=config.limit,
         retry_errors=config.retry_errors,
         conflict=OutputConflictError,
-        block_rows=min(config.rows_per_file, TODO_ROWS_PER_FILE),  # label_images reads one row group per block
+        block_rows=config.block_rows,  # label_images reads one row group per block
     )
     planning_seconds = time.perf_counter() - planning_started
     if plan.inputs == 0 and config.limit != 0:
