@@ -3,6 +3,13 @@
 Protocol (as the reference evaluates): resize the image to 640 x 640 (aspect ignored); cut 4 crops of 384 with
 stride 256 plus one global view of the whole image at 384; sigmoid each view's logits (upsampled to 384);
 stitch the crops averaging overlaps; final = (stitched + global) / 2; resize to the original size.
+
+Large images cost memory in proportion to their pixels only: above :data:`BANDED_ABOVE_PIXELS` the image is turned
+into floats a band of rows at a time while it is resized to the working resolution, and the final upsampling and
+argmax run a band at a time (:func:`resize_bilinear`, :meth:`Predictor.predict_labels_batch`). Bilinear
+interpolation is separable and PyTorch's kernel interpolates along the width first, so a first call that only
+changes the width (rows independent) followed by one on the transposed result that only changes the height gives
+the same floats as one call; the tests check it bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +31,48 @@ ImageLike = np.ndarray | torch.Tensor
 AUTOCAST_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
 
 
+# Above this many pixels (original image), the resize to the working resolution and the final upsampling run in
+# bands. Below it one call each, as the reference does (the per-class-chunk upsampling then holds at most
+# class_chunk x 1 MP floats).
+BANDED_ABOVE_PIXELS = 1 << 20
+BAND_FLOATS = 1 << 22  # floats per band (16 MB): the memory of a band is the same whatever the image size
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned type that holds every class id of a vocabulary (uint8 up to 256 classes)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_classes} classes do not fit a 32-bit label map")
+
+
+def _torch_label_dtype(num_classes: int) -> torch.dtype:
+    # torch's uint16/uint32 lack the ops used here (where); int32 holds every id and is narrowed on the way out
+    return torch.uint8 if label_dtype(num_classes) == np.uint8 else torch.int32
+
+
+def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """C x H x W -> C x h x w, the interpolation the protocol uses everywhere."""
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def resize_bilinear(image: torch.Tensor, size: tuple[int, int], band_floats: int = BAND_FLOATS) -> torch.Tensor:
+    """C x H x W (uint8 or float) -> float32 C x h x w, equal to ``F.interpolate(image.float(), size, "bilinear")``
+    without ever holding the whole image as floats: a band of input rows is converted and resized along the width
+    at a time, then the narrow result is resized along the height (transposed, so the call changes the width)."""
+    channels, height, width = image.shape
+    if height * width <= BANDED_ABOVE_PIXELS:
+        return _bilinear(image.float(), size)
+    out_height, out_width = size
+    rows = max(1, band_floats // (channels * width))
+    narrow = image.new_empty((channels, height, out_width), dtype=torch.float32)
+    for start in range(0, height, rows):
+        band = image[:, start : start + rows].float()
+        narrow[:, start : start + rows] = _bilinear(band, (band.shape[1], out_width))
+    tall = _bilinear(narrow.transpose(1, 2).contiguous(), (out_width, out_height))
+    return tall.transpose(1, 2).contiguous()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -40,6 +89,11 @@ def crop_offsets(size: int, crop: int, stride: int) -> list[int]:
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
     """H x W x 3 uint8/float array (or 3 x H x W float tensor) -> float 3 x H x W in 0..255."""
+    return _image_chw(image).float()
+
+
+def _image_chw(image: ImageLike) -> torch.Tensor:
+    """:func:`image_to_tensor` without the float conversion: a uint8 array stays uint8 (a view, no copy)."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be an RGB array H x W x 3, got shape {image.shape}")
@@ -47,13 +101,13 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
             raise TypeError(f"image array must be uint8 (0..255) or float (0..255), got {image.dtype}")
         if not image.flags.writeable:  # torch wants writable memory (e.g. arrays viewing PIL buffers)
             image = image.copy()
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensor must be 3 x H x W (RGB), got shape {tuple(image.shape)}")
-        return image.float()
+        return image
     if hasattr(image, "convert"):  # PIL image
-        return image_to_tensor(np.asarray(image.convert("RGB")))
+        return _image_chw(np.asarray(image.convert("RGB")))
     raise TypeError(f"image must be a numpy array, torch tensor or PIL image, got {type(image).__name__}")
 
 
@@ -129,9 +183,9 @@ class Predictor:
     # -- inference --------------------------------------------------------------------------------------------
     def _views(self, image: torch.Tensor) -> torch.Tensor:
         """3 x H x W -> V x 3 x crop x crop: the sliding-window crops of the resized image, then the global view."""
-        resized = F.interpolate(image[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False)
-        crops = [resized[0, :, y : y + self.crop, x : x + self.crop] for y, x in self.offsets]
-        whole = F.interpolate(image[None], size=(self.crop, self.crop), mode="bilinear", align_corners=False)[0]
+        resized = resize_bilinear(image, (self.resize, self.resize))
+        crops = [resized[:, y : y + self.crop, x : x + self.crop] for y, x in self.offsets]
+        whole = resize_bilinear(image, (self.crop, self.crop))
         return torch.stack([*crops, whole])
 
     def _stitch(self, logits: torch.Tensor) -> torch.Tensor:
@@ -167,7 +221,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: Sequence[ImageLike], classes: ClassesLike) -> list[np.ndarray]:
-        tensors = [image_to_tensor(img) for img in images]
+        tensors = [_image_chw(img) for img in images]
         text = self.embed_classes(classes)
         out = []
         for tensor, logits in zip(tensors, self._view_logits(tensors, text), strict=True):
@@ -182,31 +236,58 @@ class Predictor:
         return out
 
     def predict_labels(self, image: ImageLike, classes: ClassesLike) -> tuple[np.ndarray, np.ndarray]:
-        """(label map H x W int64, its probability H x W float32): the argmax of :meth:`predict`, computed per
-        class chunk so that neither T x 640 x 640 nor T x H x W floats are ever held."""
+        """(label map H x W, its probability H x W float32): the argmax of :meth:`predict` (ties: the lower class
+        id). Labels are uint8 for up to 256 classes, else uint16 (:func:`label_dtype`). Computed per class chunk
+        and, for large images, per band, so that neither T x 640 x 640 nor T x H x W floats are ever held."""
         return self.predict_labels_batch([image], classes)[0]
 
     @torch.inference_mode()
     def predict_labels_batch(
         self, images: Sequence[ImageLike], classes: ClassesLike
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        tensors = [image_to_tensor(img) for img in images]
+        tensors = [_image_chw(img) for img in images]
         text = self.embed_classes(classes)
         out = []
         for tensor, logits in zip(tensors, self._view_logits(tensors, text), strict=True):
-            size = tuple(tensor.shape[-2:])
-            best = labels = None
-            for part in self._class_chunks(logits.shape[1]):
-                chunk = F.interpolate(
-                    self._stitch(logits[:, part])[None], size=size, mode="bilinear", align_corners=False
-                )
-                value, index = chunk[0].max(dim=0)
-                index = index + part.start
-                if best is None:
-                    best, labels = value, index
-                else:
-                    better = value > best  # strict: ties keep the lower class id, as argmax does
-                    best = torch.where(better, value, best)
-                    labels = torch.where(better, index, labels)
-            out.append((labels.cpu().numpy(), best.float().cpu().numpy()))
+            num_classes = logits.shape[1]
+            height, width = tensor.shape[-2:]
+            banded = height * width > BANDED_ABOVE_PIXELS
+            size = (width, height) if banded else (height, width)  # see _keep_best
+            best = torch.full(size, -1.0, device=self.device)  # below every probability: the first chunk wins
+            labels = torch.zeros(size, dtype=_torch_label_dtype(num_classes), device=self.device)
+            for part in self._class_chunks(num_classes):
+                self._keep_best(self._stitch(logits[:, part]), part.start, best, labels)
+            if banded:
+                best, labels = best.T, labels.T
+            labels_out = np.ascontiguousarray(labels.cpu().numpy()).astype(label_dtype(num_classes), copy=False)
+            out.append((labels_out, np.ascontiguousarray(best.cpu().numpy())))
         return out
+
+    @staticmethod
+    def _keep_best(probs: torch.Tensor, first_class: int, best: torch.Tensor, labels: torch.Tensor) -> None:
+        """Upsample t x h x w probabilities of classes ``first_class``.. to H x W and keep, per pixel, the highest
+        so far in ``best`` and its class in ``labels`` (in place; strict: ties keep the lower class id).
+
+        ``best`` and ``labels`` are H x W, or W x H (transposed) for images above :data:`BANDED_ABOVE_PIXELS`,
+        whose bands of output columns are then contiguous rows."""
+
+        def merge(value: torch.Tensor, index: torch.Tensor, best: torch.Tensor, labels: torch.Tensor) -> None:
+            better = value > best
+            torch.where(better, value, best, out=best)
+            torch.where(better, index.to(labels.dtype), labels, out=labels)
+
+        if best.numel() <= BANDED_ABOVE_PIXELS:
+            value, index = _bilinear(probs, tuple(best.shape)).max(dim=0)
+            merge(value, index + first_class, best, labels)
+            return
+        width, height = best.shape
+        classes, rows_in, _ = probs.shape
+        # Width first on a few classes at a time (k x h x W), then the height on bands of output columns.
+        step = max(1, min(classes, 4 * BAND_FLOATS // (rows_in * width)))
+        for start in range(0, classes, step):
+            narrow = _bilinear(probs[start : start + step], (rows_in, width))
+            columns = max(1, BAND_FLOATS // (narrow.shape[0] * height))
+            for col in range(0, width, columns):
+                band = narrow[:, :, col : col + columns].transpose(1, 2).contiguous()
+                value, index = _bilinear(band, (band.shape[1], height)).max(dim=0)  # columns x H
+                merge(value, index + first_class + start, best[col : col + columns], labels[col : col + columns])

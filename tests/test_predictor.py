@@ -129,3 +129,78 @@ def test_reduced_precision_stays_close_to_float32(predictor, tiny_model, photo, 
 def test_unknown_precision_is_refused(tiny_model):
     with pytest.raises(ValueError, match="bfloat16"):
         catseg.Predictor(tiny_model, device="cpu", precision="int8")
+
+
+# -- large images: resize and full-size labels in bands, equal to one call -----------------------------------------
+
+
+def _unbanded(monkeypatch, compute):
+    with monkeypatch.context() as patch:
+        patch.setattr(catseg.predictor, "BANDED_ABOVE_PIXELS", 10**12)
+        return compute()
+
+
+@pytest.mark.parametrize(("height", "width"), [(150, 230), (301, 97), (97, 1003), (613, 451)])
+def test_banded_resize_equals_one_interpolation(monkeypatch, height, width):
+    rng = np.random.default_rng(height)
+    image = torch.from_numpy(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).permute(2, 0, 1)
+    expected = F.interpolate(image.float()[None], size=(640, 640), mode="bilinear", align_corners=False)[0]
+    monkeypatch.setattr(catseg.predictor, "BANDED_ABOVE_PIXELS", 5000)
+    got = catseg.predictor.resize_bilinear(image, (640, 640), band_floats=3 * width * 7)  # 7 rows per band
+    assert got.dtype == torch.float32 and got.shape == (3, 640, 640)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "classes"), [(150, 230, 4), (301, 97, 37), (97, 1003, 5), (613, 451, 6), (257, 183, 300)]
+)
+def test_banded_labels_equal_the_unbanded_computation(monkeypatch, tiny_model, height, width, classes):
+    """Bit for bit: probabilities, labels and their ties; T = 300 needs 16-bit labels."""
+    rng = np.random.default_rng(width)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    names = [f"thing {i}" for i in range(classes)]
+    predictor = catseg.Predictor(tiny_model, device="cpu", class_chunk=16)
+    probs = _unbanded(monkeypatch, lambda: predictor.predict(image, names))  # one interpolation per class chunk
+    monkeypatch.setattr(catseg.predictor, "BANDED_ABOVE_PIXELS", 5000)
+    monkeypatch.setattr(catseg.predictor, "BAND_FLOATS", 3 * height * 5)  # a few classes and columns per band
+    banded_labels, banded_confidence = predictor.predict_labels(image, names)
+    assert banded_labels.dtype == (np.uint16 if classes > 256 else np.uint8)
+    assert banded_labels.shape == banded_confidence.shape == (height, width)
+    np.testing.assert_array_equal(banded_labels, probs.argmax(axis=0))
+    np.testing.assert_array_equal(banded_confidence, probs.max(axis=0))
+
+
+def test_label_maps_are_the_smallest_unsigned_type():
+    assert [catseg.predictor.label_dtype(n) for n in (1, 256, 257, 65536, 65537)] == [
+        np.uint8, np.uint8, np.uint16, np.uint16, np.uint32
+    ]  # fmt: skip
+
+
+MEMORY_SCRIPT = """
+import resource, sys, numpy as np, torch, catseg
+torch.manual_seed(0)
+predictor = catseg.Predictor(catseg.build_model("tiny").eval(), device="cpu")
+names = [f"class {i}" for i in range(150)]
+predictor.predict_labels(np.zeros((64, 64, 3), np.uint8), names)  # loaded, warm, vocabulary embedded
+image = np.full((4000, 6000, 3), 7, dtype=np.uint8)
+image[::7, ::5] = 200
+def rss_mib(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = rss_mib("VmRSS")
+labels, confidence = predictor.predict_labels(image, names)
+assert labels.shape == (4000, 6000) and labels.dtype == np.uint8, labels.dtype
+print(rss_mib("VmHWM") - before)
+"""
+
+
+def test_a_24_megapixel_image_at_150_classes_stays_under_a_memory_bound():
+    """Above the loaded model and the decoded image: at most 1 GiB (7.1 GB when each class chunk was upsampled
+    to the whole image at once)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak_above_mib = float(result.stdout.strip().splitlines()[-1])
+    assert peak_above_mib < 1024, f"{peak_above_mib:.0f} MiB above the loaded model"
