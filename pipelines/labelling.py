@@ -53,7 +53,7 @@ from .inputs import (
 )
 from .masks import mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
-from .model_stage import SegmentationModel
+from .model_stage import InFlightImages, SegmentationModel
 from .models import ModelSource
 from .output import (
     OUTPUT_SCHEMA,
@@ -202,6 +202,7 @@ def label_images(
     fs, path = arrow_filesystem(data_uri(config.output_uri))
     context = ray.data.DataContext.get_current()
     context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_WRITE_ERRORS]))
+    in_flight = InFlightImages.remote()  # counts model worker deaths per image (Ray Data retries them forever)
     (
         ray.data.read_datasource(
             TodoDatasource(plan_root_uri(config.output_uri), todo_files, block_rows, SOURCE_SCHEMA),
@@ -223,6 +224,7 @@ def label_images(
                 "class_names": names,
                 "cpu_threads": actors.torch_threads,
                 "precision": config.precision,
+                "in_flight": in_flight,
             },
             batch_size=config.batch_size,
             batch_format="pyarrow",

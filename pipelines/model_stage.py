@@ -7,6 +7,7 @@ too, so both pipelines run the same Predictor settings (the Predictor's own clas
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,7 +18,11 @@ import ray
 import catseg
 
 from .masks import mask_dtype
-from .stages import PERMANENT, PREDICTED_SCHEMA, column_or_nulls, describe_error, error_kind
+from .stages import PERMANENT, PREDICTED_SCHEMA, TRANSIENT, column_or_nulls, describe_error, error_kind
+
+logger = logging.getLogger(__name__)
+
+MAX_WORKER_DEATHS = 3  # per image: once in its batch, then twice alone; then it becomes a transient error row
 
 Result = TypeVar("Result")
 
@@ -66,6 +71,46 @@ def predict_each(
         return retried
 
 
+@ray.remote(num_cpus=0, max_restarts=-1)
+class InFlightImages:
+    """Which images model workers have started and not finished: the count of a worker's deaths per image.
+
+    Ray Data restarts a dead model actor and retries its batch without limit, so an image that kills its worker
+    (out of memory, a crash) would stop the run forever. The model stage records what it starts here and clears
+    what it finishes; a retried batch that finds its images here runs them one at a time, and an image whose
+    worker died :data:`MAX_WORKER_DEATHS` times becomes an error row. Entries live only while an image is in
+    flight, plus one per image given up on: the actor's memory does not grow with the run.
+    """
+
+    def __init__(self) -> None:
+        self._starts: dict[str, int] = {}
+
+    def begin_batch(self, image_ids: list[str]) -> list[int]:
+        """Earlier unfinished starts of each image; when there are none, records this start of all of them."""
+        deaths = [self._starts.get(image_id, 0) for image_id in image_ids]
+        if not any(deaths):
+            for image_id in image_ids:
+                self._starts[image_id] = 1
+        return deaths
+
+    def begin_one(self, image_id: str) -> None:
+        self._starts[image_id] = self._starts.get(image_id, 0) + 1
+
+    def finish(self, image_ids: list[str]) -> None:
+        for image_id in image_ids:
+            self._starts.pop(image_id, None)
+
+    def size(self) -> int:
+        return len(self._starts)
+
+
+def worker_died_error(deaths: int) -> str:
+    return (
+        f"model: the model worker died {deaths} times while labelling this image (killed for memory, crashed, or "
+        "its node was lost); re-run with more memory per model worker to label it"
+    )
+
+
 class SegmentationModel:
     """Model stage (one instance per actor): loads the checkpoint once, embeds the vocabulary once, then runs
     the sliding-window protocol (:meth:`catseg.Predictor.predict_labels_batch`) on each batch.
@@ -74,8 +119,15 @@ class SegmentationModel:
     """
 
     def __init__(
-        self, model_uri: str, class_names: Sequence[str], cpu_threads: int | None = None, precision: str = "float32"
+        self,
+        model_uri: str,
+        class_names: Sequence[str],
+        cpu_threads: int | None = None,
+        precision: str = "float32",
+        in_flight: Any = None,
     ) -> None:
+        """``in_flight``: an :class:`InFlightImages` actor shared by the stage's actors (None: no death count)."""
+        self.in_flight = in_flight
         self.class_names = list(class_names)
         self.mask_dtype = mask_dtype(len(self.class_names))
         self.predictor = load_predictor(model_uri, cpu_threads=cpu_threads, precision=precision)
@@ -105,7 +157,11 @@ class SegmentationModel:
         def predict(batch_images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
             return self.predictor.predict_labels_batch(batch_images, self.class_names)
 
-        for i, result in zip(todo, predict_each(predict, images), strict=True):
+        ids = [batch["image_id"][i].as_py() for i in todo]
+        for i, result in zip(todo, self._predict_counting_deaths(predict, images, ids), strict=True):
+            if isinstance(result, str):
+                errors[i], kinds[i] = result, TRANSIENT
+                continue
             if isinstance(result, BaseException):
                 errors[i], kinds[i] = describe_error("model", result), error_kind("model", result)
                 continue
@@ -129,6 +185,33 @@ class SegmentationModel:
             },
             schema=PREDICTED_SCHEMA,
         )
+
+    def _predict_counting_deaths(
+        self, predict: Callable[[list[np.ndarray]], Sequence[Result]], images: list[np.ndarray], ids: list[str]
+    ) -> list[Result | BaseException | str]:
+        """:func:`predict_each`, recorded in :class:`InFlightImages`: a batch that a dead worker held runs one
+        image at a time, and an image given up on comes back as its error text."""
+        if self.in_flight is None or not images:
+            return predict_each(predict, images)
+        try:
+            deaths = ray.get(self.in_flight.begin_batch.remote(ids))
+        except ray.exceptions.RayError as err:  # the record is lost (its node died): label without it
+            logger.warning("labelling without a record of model worker deaths: %s", err)
+            return predict_each(predict, images)
+        if not any(deaths):
+            results = predict_each(predict, images)
+            self.in_flight.finish.remote(ids)
+            return results
+        logger.warning("a model worker died while labelling this batch: labelling its %d images one by one", len(ids))
+        results: list[Result | BaseException | str] = []
+        for image, image_id, died in zip(images, ids, deaths, strict=True):
+            if died >= MAX_WORKER_DEATHS:
+                results.append(worker_died_error(died))
+                continue
+            ray.get(self.in_flight.begin_one.remote(image_id))
+            results.extend(predict_each(predict, [image]))
+            ray.get(self.in_flight.finish.remote([image_id]))
+        return results
 
 
 class CatSegPredictorFactory:
