@@ -243,8 +243,10 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_labels_batch(
-        self, images: Sequence[ImageLike], classes: ClassesLike
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        self, images: Sequence[ImageLike], classes: ClassesLike, *, runner_up: bool = False
+    ) -> list[tuple[np.ndarray, ...]]:
+        """:meth:`predict_labels` per image; ``runner_up`` adds a third map, the second-highest probability of
+        each pixel (the top-1 minus top-2 margin measures how sure the label is), at the same memory bound."""
         tensors = [_image_chw(img) for img in images]
         text = self.embed_classes(classes)
         out = []
@@ -254,31 +256,44 @@ class Predictor:
             banded = height * width > BANDED_ABOVE_PIXELS
             size = (width, height) if banded else (height, width)  # see _keep_best
             best = torch.full(size, -1.0, device=self.device)  # below every probability: the first chunk wins
+            second = torch.full(size, -1.0, device=self.device) if runner_up else None
             labels = torch.zeros(size, dtype=_torch_label_dtype(num_classes), device=self.device)
             for part in self._class_chunks(num_classes):
-                self._keep_best(self._stitch(logits[:, part]), part.start, best, labels)
+                self._keep_best(self._stitch(logits[:, part]), part.start, best, labels, second)
+            maps = [labels, best] + ([second.clamp_(min=0)] if second is not None else [])  # 1 class: no runner-up
             if banded:
-                best, labels = best.T, labels.T
-            labels_out = np.ascontiguousarray(labels.cpu().numpy()).astype(label_dtype(num_classes), copy=False)
-            out.append((labels_out, np.ascontiguousarray(best.cpu().numpy())))
+                maps = [m.T for m in maps]
+            arrays = [np.ascontiguousarray(m.cpu().numpy()) for m in maps]
+            arrays[0] = arrays[0].astype(label_dtype(num_classes), copy=False)
+            out.append(tuple(arrays))
         return out
 
     @staticmethod
-    def _keep_best(probs: torch.Tensor, first_class: int, best: torch.Tensor, labels: torch.Tensor) -> None:
+    def _keep_best(
+        probs: torch.Tensor,
+        first_class: int,
+        best: torch.Tensor,
+        labels: torch.Tensor,
+        second: torch.Tensor | None = None,
+    ) -> None:
         """Upsample t x h x w probabilities of classes ``first_class``.. to H x W and keep, per pixel, the highest
-        so far in ``best`` and its class in ``labels`` (in place; strict: ties keep the lower class id).
+        so far in ``best`` and its class in ``labels`` (in place; strict: ties keep the lower class id), and the
+        second highest in ``second`` when given.
 
-        ``best`` and ``labels`` are H x W, or W x H (transposed) for images above :data:`BANDED_ABOVE_PIXELS`,
-        whose bands of output columns are then contiguous rows."""
+        The maps are H x W, or W x H (transposed) for images above :data:`BANDED_ABOVE_PIXELS`, whose bands of
+        output columns are then contiguous rows."""
 
-        def merge(value: torch.Tensor, index: torch.Tensor, best: torch.Tensor, labels: torch.Tensor) -> None:
+        def merge(full: torch.Tensor, offset: int, best: torch.Tensor, labels: torch.Tensor, second) -> None:
+            value, index = full.max(dim=0)
+            if second is not None:  # second of the union of two top-2 lists: max(min(tops), max(seconds))
+                runner = full.topk(2, dim=0).values[1] if full.shape[0] > 1 else torch.full_like(value, -1.0)
+                torch.maximum(torch.minimum(best, value), torch.maximum(second, runner), out=second)
             better = value > best
             torch.where(better, value, best, out=best)
-            torch.where(better, index.to(labels.dtype), labels, out=labels)
+            torch.where(better, (index + offset).to(labels.dtype), labels, out=labels)
 
         if best.numel() <= BANDED_ABOVE_PIXELS:
-            value, index = _bilinear(probs, tuple(best.shape)).max(dim=0)
-            merge(value, index + first_class, best, labels)
+            merge(_bilinear(probs, tuple(best.shape)), first_class, best, labels, second)
             return
         width, height = best.shape
         classes, rows_in, _ = probs.shape
@@ -289,5 +304,6 @@ class Predictor:
             columns = max(1, BAND_FLOATS // (narrow.shape[0] * height))
             for col in range(0, width, columns):
                 band = narrow[:, :, col : col + columns].transpose(1, 2).contiguous()
-                value, index = _bilinear(band, (band.shape[1], height)).max(dim=0)  # columns x H
-                merge(value, index + first_class + start, best[col : col + columns], labels[col : col + columns])
+                tall = _bilinear(band, (band.shape[1], height))  # k x columns x H
+                rows = slice(col, col + columns)
+                merge(tall, first_class + start, best[rows], labels[rows], None if second is None else second[rows])

@@ -51,7 +51,7 @@ from .inputs import (
     plan_inputs,
     plan_root_uri,
 )
-from .masks import mask_dtype
+from .masks import REVIEW_THRESHOLD, mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
 from .model_stage import InFlightImages, SegmentationModel
 from .models import ModelSource
@@ -159,10 +159,16 @@ class LabelConfig:
             "config": {"batch_size": self.batch_size, "retry_errors": self.retry_errors,
                        "confidence": self.confidence,
                        "confidence_threshold": self.confidence_threshold,
+                       "low_confidence_below": self.review_threshold,
                        "mask_bits": 8 * mask_dtype(num_classes).itemsize,
                        "unlabelled_value": unlabelled_value_for(num_classes), "rows_per_file": self.rows_per_file,
                        **resources},
         }  # fmt: skip
+
+    @property
+    def review_threshold(self) -> float:
+        """Pixels below this probability count in ``low_confidence_fraction``: the confidence threshold, or 0.5."""
+        return REVIEW_THRESHOLD if self.confidence_threshold is None else self.confidence_threshold
 
     @property
     def block_rows(self) -> int:
@@ -225,6 +231,7 @@ def label_images(
                 "cpu_threads": actors.torch_threads,
                 "precision": config.precision,
                 "in_flight": in_flight,
+                "low_confidence_below": config.review_threshold,
             },
             batch_size=config.batch_size,
             batch_format="pyarrow",

@@ -111,6 +111,25 @@ def class_statistics(
     return stats
 
 
+REVIEW_THRESHOLD = 0.5  # low_confidence_fraction counts pixels below this (the run's --confidence-threshold if set)
+
+
+def review_signals(confidence: np.ndarray, runner_up: np.ndarray, threshold: float) -> dict[str, float]:
+    """How sure an image's labels are, from its per-pixel top-1 (``confidence``) and top-2 probabilities:
+    ``mean_confidence``, ``low_confidence_fraction`` (share of pixels below ``threshold``) and ``mean_margin``
+    (mean of top-1 minus top-2; small when two classes compete). Lowest margin first is the review order."""
+    if confidence.size == 0:
+        return {"mean_confidence": 0.0, "low_confidence_fraction": 0.0, "mean_margin": 0.0}
+    return {
+        "mean_confidence": float(confidence.mean(dtype=np.float64)),
+        "low_confidence_fraction": float(np.count_nonzero(confidence < threshold) / confidence.size),
+        "mean_margin": float(confidence.mean(dtype=np.float64) - runner_up.mean(dtype=np.float64)),
+    }
+
+
+REVIEW_COLUMNS = ("mean_confidence", "low_confidence_fraction", "mean_margin")
+
+
 # -- COCO run-length encoding ---------------------------------------------------------------------------------
 # Runs alternate 0s and 1s over the mask in column-major (Fortran) order, starting with a run of 0s (possibly
 # empty). The compressed string form is pycocotools' (maskApi.c rleToString / rleFrString): each count, as a

@@ -17,7 +17,7 @@ import ray
 
 import catseg
 
-from .masks import mask_dtype
+from .masks import REVIEW_COLUMNS, REVIEW_THRESHOLD, mask_dtype, review_signals
 from .stages import PERMANENT, PREDICTED_SCHEMA, TRANSIENT, column_or_nulls, describe_error, error_kind
 
 logger = logging.getLogger(__name__)
@@ -125,9 +125,12 @@ class SegmentationModel:
         cpu_threads: int | None = None,
         precision: str = "float32",
         in_flight: Any = None,
+        low_confidence_below: float = REVIEW_THRESHOLD,
     ) -> None:
-        """``in_flight``: an :class:`InFlightImages` actor shared by the stage's actors (None: no death count)."""
+        """``in_flight``: an :class:`InFlightImages` actor shared by the stage's actors (None: no death count);
+        ``low_confidence_below``: the threshold of the ``low_confidence_fraction`` review signal."""
         self.in_flight = in_flight
+        self.low_confidence_below = low_confidence_below
         self.class_names = list(class_names)
         self.mask_dtype = mask_dtype(len(self.class_names))
         self.predictor = load_predictor(model_uri, cpu_threads=cpu_threads, precision=precision)
@@ -153,9 +156,10 @@ class SegmentationModel:
         ]
         labels: list[bytes | None] = [None] * len(errors)
         confidence: list[bytes | None] = [None] * len(errors)
+        signals: dict[str, list[float | None]] = {name: [None] * len(errors) for name in REVIEW_COLUMNS}
 
-        def predict(batch_images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-            return self.predictor.predict_labels_batch(batch_images, self.class_names)
+        def predict(batch_images: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+            return self.predictor.predict_labels_batch(batch_images, self.class_names, runner_up=True)
 
         ids = [batch["image_id"][i].as_py() for i in todo]
         for i, result in zip(todo, self._predict_counting_deaths(predict, images, ids), strict=True):
@@ -165,13 +169,15 @@ class SegmentationModel:
             if isinstance(result, BaseException):
                 errors[i], kinds[i] = describe_error("model", result), error_kind("model", result)
                 continue
-            label_map, probability = result
+            label_map, probability, runner_up = result
             if label_map.shape != (heights[i], widths[i]):
                 errors[i] = f"model: label map {label_map.shape} does not match the image {heights[i]}x{widths[i]}"
                 kinds[i] = PERMANENT
                 continue
             labels[i] = label_map.astype(self.mask_dtype).tobytes()
             confidence[i] = probability.astype(np.float32).tobytes()
+            for name, value in review_signals(probability, runner_up, self.low_confidence_below).items():
+                signals[name][i] = value
         return pa.table(
             {
                 "image_id": batch["image_id"],
@@ -180,6 +186,7 @@ class SegmentationModel:
                 "height": batch["height"],
                 "labels": pa.array(labels, pa.large_binary()),
                 "confidence": pa.array(confidence, pa.large_binary()),
+                **{name: pa.array(values, pa.float64()) for name, values in signals.items()},
                 "error": pa.array(errors, pa.string()),
                 "error_kind": pa.array(kinds, pa.string()),
             },

@@ -36,7 +36,7 @@ from .masks import decode_mask_png, rle_encode
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
 FOOTER_THREADS = 16  # concurrent footer reads when listing committed files (a GET each on object stores)
-SCHEMA_VERSION = 2  # 2: error_kind
+SCHEMA_VERSION = 3  # 2: error_kind; 3: the review signals (mean_confidence, low_confidence_fraction, mean_margin)
 
 CLASS_STAT_TYPE = pa.struct(
     [
@@ -56,6 +56,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("mask_png", pa.binary()),
         ("confidence_png", pa.binary()),
         ("class_stats", pa.list_(CLASS_STAT_TYPE)),
+        ("mean_confidence", pa.float64()),  # review signals (masks.review_signals); null on error rows
+        ("low_confidence_fraction", pa.float64()),
+        ("mean_margin", pa.float64()),
         ("error", pa.string()),
         ("error_kind", pa.string()),  # "transient" (a re-run retries it) or "permanent"; null when error is null
         ("run_id", pa.string()),

@@ -18,7 +18,14 @@ import pyarrow as pa
 
 from . import storage
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .masks import class_statistics, encode_confidence_png, encode_mask_png, labels_to_mask, mask_dtype
+from .masks import (
+    REVIEW_COLUMNS,
+    class_statistics,
+    encode_confidence_png,
+    encode_mask_png,
+    labels_to_mask,
+    mask_dtype,
+)
 from .masks import unlabelled_value as unlabelled_value_for
 from .output import OUTPUT_SCHEMA
 
@@ -62,6 +69,9 @@ PREDICTED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
         ("confidence", pa.large_binary()),  # H x W float32 max probability
+        ("mean_confidence", pa.float64()),  # the review signals (masks.review_signals)
+        ("low_confidence_fraction", pa.float64()),
+        ("mean_margin", pa.float64()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
     ]
@@ -185,6 +195,7 @@ def encode_predictions(
     widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
     errors, kinds = batch["error"].to_pylist(), column_or_nulls(batch, "error_kind")
     masks, confidences, stats = [], [], []
+    signals = {name: column_or_nulls(batch, name) for name in REVIEW_COLUMNS}
     for i, (raw_labels, raw_confidence) in enumerate(
         zip(batch["labels"].to_pylist(), batch["confidence"].to_pylist(), strict=True)
     ):
@@ -201,6 +212,9 @@ def encode_predictions(
             except Exception as err:
                 mask_png = confidence_png = class_stats = None
                 errors[i], kinds[i] = describe_error("encode", err), PERMANENT
+        if mask_png is None:
+            for values in signals.values():
+                values[i] = None
         masks.append(mask_png)
         confidences.append(confidence_png)
         stats.append(class_stats)
@@ -214,6 +228,7 @@ def encode_predictions(
             "mask_png": pa.array(masks, pa.binary()),
             "confidence_png": pa.array(confidences, pa.binary()),
             "class_stats": pa.array(stats, OUTPUT_SCHEMA.field("class_stats").type),
+            **{name: pa.array(values, pa.float64()) for name, values in signals.items()},
             "error": pa.array(errors, pa.string()),
             "error_kind": pa.array(kinds, pa.string()),
             "run_id": pa.array([run_id] * rows, pa.string()),

@@ -21,7 +21,7 @@ from pipelines.masks import (
     rle_encode,
     unlabelled_value,
 )
-from pipelines.stages import PREDICTED_SCHEMA, decode_images, encode_predictions
+from pipelines.stages import DECODED_SCHEMA, PREDICTED_SCHEMA, decode_images, encode_predictions
 from pipelines.workers import actor_resources
 
 
@@ -82,6 +82,9 @@ def _predicted(labels: np.ndarray, confidence: np.ndarray, error: str | None = N
             "height": pa.array([height, None], pa.int32()),
             "labels": pa.array([labels.tobytes(), None], pa.large_binary()),
             "confidence": pa.array([confidence.astype(np.float32).tobytes(), None], pa.large_binary()),
+            "mean_confidence": [0.5, None],
+            "low_confidence_fraction": [0.25, None],
+            "mean_margin": [0.125, None],
             "error": [None, "decode: empty file (0 bytes)"],
             "error_kind": [None, "permanent"],
         },
@@ -204,3 +207,42 @@ def test_oversize_images_and_decompression_bombs_are_refused_from_their_headers(
     assert bombed["error"].startswith("decode: image too large") and "182000000 pixels" in bombed["error"]
     [uncapped] = _decode_batch([bomb], max_pixels=None)  # Pillow's limit holds whatever the cap
     assert uncapped["error"].startswith("decode: image too large")
+
+
+def test_review_signals_come_from_the_predictors_top_two_probabilities(tiny_checkpoint):
+    from pipelines.model_stage import SegmentationModel
+
+    top1 = np.array([[0.9, 0.4, 0.8, 0.6], [0.3, 0.7, 0.55, 0.95]], np.float32)
+    top2 = np.array([[0.05, 0.35, 0.1, 0.3], [0.3, 0.2, 0.4, 0.01]], np.float32)
+    labels = np.array([[0, 1, 2, 0], [1, 1, 2, 0]], np.uint8)
+
+    class KnownPredictor:  # what catseg.Predictor returns with runner_up=True
+        def predict_labels_batch(self, images, classes, *, runner_up=False):
+            assert runner_up
+            return [(labels, top1, top2) for _ in images]
+
+    stage = SegmentationModel(tiny_checkpoint, ["cat", "dog", "sky"], low_confidence_below=0.5)
+    stage.predictor = KnownPredictor()
+    decoded = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "source_uri": ["u/a", "u/b"],
+            "width": pa.array([4, None], pa.int32()),
+            "height": pa.array([2, None], pa.int32()),
+            "pixels": pa.array([np.zeros((2, 4, 3), np.uint8).tobytes(), None], pa.large_binary()),
+            "error": [None, "decode: empty file (0 bytes)"],
+            "error_kind": [None, "permanent"],
+        },
+        schema=DECODED_SCHEMA,
+    )
+    predicted = stage(decoded)
+    out = encode_predictions(predicted, class_names=["cat", "dog", "sky"], run_id="r", model_id="m", vocab_id="v")
+    expected = {
+        "mean_confidence": float(top1.astype(np.float64).mean()),
+        "low_confidence_fraction": 2 / 8,  # 0.4 and 0.3
+        "mean_margin": float((top1.astype(np.float64) - top2.astype(np.float64)).mean()),
+    }
+    for table in (predicted, out):
+        for name, value in expected.items():
+            assert table[name][0].as_py() == pytest.approx(value, abs=1e-12), name
+            assert table[name][1].as_py() is None  # error rows carry no signals

@@ -163,11 +163,17 @@ def test_banded_labels_equal_the_unbanded_computation(monkeypatch, tiny_model, h
     probs = _unbanded(monkeypatch, lambda: predictor.predict(image, names))  # one interpolation per class chunk
     monkeypatch.setattr(catseg.predictor, "BANDED_ABOVE_PIXELS", 5000)
     monkeypatch.setattr(catseg.predictor, "BAND_FLOATS", 3 * height * 5)  # a few classes and columns per band
-    banded_labels, banded_confidence = predictor.predict_labels(image, names)
+    [(banded_labels, banded_confidence, runner_up)] = predictor.predict_labels_batch([image], names, runner_up=True)
     assert banded_labels.dtype == (np.uint16 if classes > 256 else np.uint8)
     assert banded_labels.shape == banded_confidence.shape == (height, width)
     np.testing.assert_array_equal(banded_labels, probs.argmax(axis=0))
     np.testing.assert_array_equal(banded_confidence, probs.max(axis=0))
+    np.testing.assert_array_equal(runner_up, np.sort(probs, axis=0)[-2])
+    if classes > 100:
+        return  # the unbanded runner-up: the small vocabularies check it (each run here is a model forward)
+    unbanded = _unbanded(monkeypatch, lambda: predictor.predict_labels_batch([image], names, runner_up=True)[0])
+    for got, expected in zip(unbanded, (banded_labels, banded_confidence, runner_up), strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_label_maps_are_the_smallest_unsigned_type():
