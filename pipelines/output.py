@@ -1,4 +1,4 @@
-"""The labelling output on storage: layout, schema, run manifest, resume scan, SQL queries and mask export.
+"""The labelling output on storage: layout, schema, run manifest, resume scan, SQL queries, the rows exports read.
 
 Layout under an output URI (a local directory or any fsspec URI such as s3://bucket/labels)::
 
@@ -19,11 +19,9 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -31,7 +29,6 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
-from .masks import decode_mask_png, rle_encode
 
 MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
@@ -233,16 +230,18 @@ def query_labels(output_uri: str, sql: str) -> pa.Table:
         connection.close()
 
 
-# -- export ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportResult:
-    images: int
-    files: list[str]
+# -- rows for exports and review ------------------------------------------------------------------------------
+# The review queue: the least certain labels first (two classes competing: a small top-1 minus top-2 margin).
+REVIEW_ORDER = "mean_margin ASC NULLS LAST, mean_confidence ASC NULLS LAST, image_id"
 
 
-def _labelled_rows(output_uri: str, where: str | None, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """Rows with a mask (optionally filtered by a SQL predicate on ``labels``), streamed batch by batch."""
+def labelled_rows(
+    output_uri: str, columns: list[str], *, where: str | None = None, review: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows with a mask, streamed 64 at a time: in ``image_id`` order, or the ``review`` least certain ones in
+    review order (:data:`REVIEW_ORDER`); ``where`` is a SQL condition on ``labels``."""
     condition = "error IS NULL" + (f" AND ({where})" if where else "")
+    order = "image_id" if review is None else f"{REVIEW_ORDER} LIMIT {int(review)}"
     import duckdb  # only the query side needs it
 
     require_output(output_uri)
@@ -250,79 +249,9 @@ def _labelled_rows(output_uri: str, where: str | None, columns: list[str]) -> It
     try:
         connection.register("labels", open_labels(output_uri))
         reader = connection.sql(
-            f"SELECT {', '.join(columns)} FROM labels WHERE {condition} ORDER BY image_id"
+            f"SELECT {', '.join(columns)} FROM labels WHERE {condition} ORDER BY {order}"
         ).to_arrow_reader(batch_size=64)
         for batch in reader:
             yield from batch.to_pylist()
     finally:
         connection.close()
-
-
-def export_png(output_uri: str, destination: str, *, where: str | None = None) -> ExportResult:
-    """Write each stored mask as ``<destination>/<image_id>.png`` (bytes as stored) plus ``index.json``."""
-    manifest = read_manifest(output_uri) or {}
-    images, files = [], []
-    for row in _labelled_rows(output_uri, where, ["image_id", "source_uri", "width", "height", "mask_png"]):
-        name = f"{row['image_id']}.png"
-        storage.write_bytes(storage.join(destination, name), row["mask_png"])
-        images.append({k: row[k] for k in ("image_id", "source_uri", "width", "height")} | {"file": name})
-        files.append(name)
-    index = {
-        "classes": manifest.get("vocabulary", {}).get("names"),
-        "unlabelled_value": manifest.get("config", {}).get("unlabelled_value"),
-        "images": images,
-    }
-    storage.write_text(storage.join(destination, "index.json"), json.dumps(index, indent=2) + "\n")
-    return ExportResult(len(images), [*files, "index.json"])
-
-
-def _bbox(binary: np.ndarray) -> list[int]:
-    rows = np.flatnonzero(binary.any(axis=1))
-    cols = np.flatnonzero(binary.any(axis=0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-
-
-def export_coco_rle(output_uri: str, destination: str, *, where: str | None = None) -> ExportResult:
-    """Write ``<destination>/annotations.json`` in COCO format: one RLE annotation per (image, class present).
-
-    Category ids are the class ids of the vocabulary; image ids are 1-based in order of ``image_id``, with the
-    output's own id in ``catseg_image_id`` and the source URI as ``file_name``.
-    """
-    manifest = read_manifest(output_uri) or {}
-    names = manifest.get("vocabulary", {}).get("names") or []
-    images, annotations, categories = [], [], {i: name for i, name in enumerate(names)}
-    columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats"]
-    for number, row in enumerate(_labelled_rows(output_uri, where, columns), start=1):
-        images.append(
-            {
-                "id": number,
-                "file_name": row["source_uri"],
-                "width": row["width"],
-                "height": row["height"],
-                "catseg_image_id": row["image_id"],
-            }
-        )
-        mask = decode_mask_png(row["mask_png"])
-        for stat in row["class_stats"] or []:
-            binary = mask == stat["class_id"]
-            categories.setdefault(stat["class_id"], stat["class_name"])
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": number,
-                    "category_id": stat["class_id"],
-                    "segmentation": rle_encode(binary),
-                    "area": int(binary.sum()),
-                    "bbox": _bbox(binary),
-                    "iscrowd": 0,
-                    "score": stat["mean_score"],
-                }
-            )
-    coco = {
-        "info": {"description": "CAT-Seg labels", "run_id": manifest.get("run_id")},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": name} for i, name in sorted(categories.items())],
-    }
-    storage.write_text(storage.join(destination, "annotations.json"), json.dumps(coco) + "\n")
-    return ExportResult(len(images), ["annotations.json"])

@@ -25,7 +25,7 @@ from PIL import Image
 from . import storage
 from .images import decode_image
 from .masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
-from .output import open_labels, parquet_files, read_manifest
+from .output import REVIEW_ORDER, open_labels, parquet_files, read_manifest
 
 IMAGES_DIR = "images"
 MAX_IMAGE_SIDE = 384  # page images are thumbnails: originals may be many megapixels
@@ -201,14 +201,22 @@ def _write_images(row: dict[str, Any], unlabelled: int, dest_dir: str) -> Previe
     return item
 
 
-def collect_preview(output_uri: str, dest_dir: str, n: int = 50, where: str | None = None) -> PreviewData:
+PREVIEW_ORDERS = ("sample", "uncertain")
+
+
+def collect_preview(
+    output_uri: str, dest_dir: str, n: int = 50, where: str | None = None, order: str = "sample"
+) -> PreviewData:
     """Query the output, write the page's images under ``dest_dir/images`` and return what the page shows.
 
-    The sample is the first ``n`` labelled rows in ``image_id`` order (a hash of the URI: a stable pseudo-random
-    sample); ``where`` is a SQL condition on the table ``labels``, as for ``jobs.query --where``.
+    ``order`` "sample": the first ``n`` labelled rows in ``image_id`` order (a hash of the URI: a stable
+    pseudo-random sample); "uncertain": the ``n`` least certain first (the review queue, ``jobs.query --review``).
+    ``where`` is a SQL condition on the table ``labels``, as for ``jobs.query --where``.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if order not in PREVIEW_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(PREVIEW_ORDERS)}, got {order!r}")
     manifest = read_manifest(output_uri)
     if manifest is None and not parquet_files(output_uri):
         raise FileNotFoundError(f"no labelling output at {output_uri} (no manifest.json, no data/*.parquet)")
@@ -225,7 +233,8 @@ def collect_preview(output_uri: str, dest_dir: str, n: int = 50, where: str | No
         ).fetchall()
         rows = connection.sql(
             "SELECT image_id, source_uri, width, height, mask_png, class_stats FROM labels "
-            f"WHERE error IS NULL{selection} ORDER BY image_id LIMIT {int(n)}"
+            f"WHERE error IS NULL{selection} ORDER BY {'image_id' if order == 'sample' else REVIEW_ORDER} "
+            f"LIMIT {int(n)}"
         ).to_arrow_table()
         errors = connection.sql(
             f"SELECT image_id, source_uri, error FROM labels WHERE error IS NOT NULL{selection} "
@@ -349,9 +358,9 @@ def render_html(data: PreviewData) -> str:
     return "\n".join(body) + "\n"
 
 
-def render_preview(output_uri: str, dest_dir: str, n: int = 50, where: str | None = None) -> str:
+def render_preview(output_uri: str, dest_dir: str, n: int = 50, where: str | None = None, order: str = "sample") -> str:
     """Write the preview of a labelling output to ``dest_dir`` (directory or fsspec URI); returns index.html's path."""
-    data = collect_preview(output_uri, dest_dir, n=n, where=where)
+    data = collect_preview(output_uri, dest_dir, n=n, where=where, order=order)
     index = storage.join(dest_dir, "index.html")
     storage.write_text(index, render_html(data))
     return index

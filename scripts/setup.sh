@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
+.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e ".[test,export]"
 echo "set up: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

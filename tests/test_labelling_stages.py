@@ -17,8 +17,6 @@ from pipelines.masks import (
     decode_mask_png,
     encode_mask_png,
     mask_dtype,
-    rle_decode,
-    rle_encode,
     unlabelled_value,
 )
 from pipelines.stages import DECODED_SCHEMA, PREDICTED_SCHEMA, decode_images, encode_predictions
@@ -146,21 +144,6 @@ def test_class_statistics_skip_unlabelled_and_absent_classes():
     confidence = np.full(mask.shape, 0.5, np.float32)
     stats = class_statistics(mask, confidence, ["a", "b", "c", "d"], 255)
     assert [(s["class_name"], s["pixel_count"]) for s in stats] == [("a", 2), ("d", 3)]
-
-
-def test_rle_matches_the_coco_string_format():
-    # column-major [0, 1, 1, 1] -> counts [1, 3] -> "13" (pycocotools encodes small counts as chr(48 + n))
-    assert rle_encode(np.array([[0, 1], [1, 1]], bool)) == {"size": [2, 2], "counts": "13"}
-    assert rle_encode(np.array([[1, 1], [1, 0]], bool), compressed=False)["counts"] == [0, 3, 1]
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_rle_round_trips(seed):
-    rng = np.random.default_rng(seed)
-    mask = rng.random((rng.integers(1, 60), rng.integers(1, 60))) > rng.random()
-    mask[: rng.integers(0, mask.shape[0])] ^= True  # long runs, so deltas go negative and positive
-    for compressed in (True, False):
-        assert np.array_equal(rle_decode(rle_encode(mask, compressed=compressed)), mask)
 
 
 def test_actor_resources_follow_the_cluster_gpus_and_warn_when_there_are_none(caplog):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs import query as query_cli
 from pipelines.labelling import LabelConfig, run_labelling
-from pipelines.masks import decode_mask_png, rle_decode
+from pipelines.masks import decode_mask_png
 from pipelines.models import resolve_model
 from pipelines.output import open_labels, query_labels
 from pipelines.vocabulary import load_vocabulary
@@ -92,23 +92,6 @@ def test_png_export_round_trips(labelled, tmp_path):
         exported = np.asarray(Image.open(tmp_path / f"{image_id}.png"))
         assert np.array_equal(exported, mask)
         assert np.array_equal(decode_mask_png((tmp_path / f"{image_id}.png").read_bytes()), mask)
-
-
-def test_coco_rle_export_round_trips(labelled, tmp_path):
-    output, masks = labelled
-    assert query_cli.main(["--output", output, "--export", "coco-rle", "--to", str(tmp_path)]) == 0
-    coco = json.loads((tmp_path / "annotations.json").read_text())
-    assert [c["name"] for c in coco["categories"]] == CLASSES
-    images = {i["id"]: i for i in coco["images"]}
-    assert sorted(i["catseg_image_id"] for i in images.values()) == sorted(masks)
-    rebuilt = {i["catseg_image_id"]: np.full((i["height"], i["width"]), 255, np.uint8) for i in images.values()}
-    for annotation in coco["annotations"]:
-        image = images[annotation["image_id"]]
-        binary = rle_decode(annotation["segmentation"])
-        assert annotation["area"] == int(binary.sum())
-        rebuilt[image["catseg_image_id"]][binary] = annotation["category_id"]
-    for image_id, mask in masks.items():
-        assert np.array_equal(rebuilt[image_id], mask)
 
 
 def test_export_where_selects_images(labelled, tmp_path):
