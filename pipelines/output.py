@@ -238,19 +238,20 @@ REVIEW_ORDER = "mean_margin ASC NULLS LAST, mean_confidence ASC NULLS LAST, imag
 def labelled_rows(
     output_uri: str, columns: list[str], *, where: str | None = None, review: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Rows with a mask, streamed 64 at a time: in ``image_id`` order, or the ``review`` least certain ones in
-    review order (:data:`REVIEW_ORDER`); ``where`` is a SQL condition on ``labels``."""
+    """Rows with a mask, streamed 64 at a time: in storage order (no sort: a sort would hold every row's mask), or
+    the ``review`` least certain ones in review order (:data:`REVIEW_ORDER`, a top-N that holds N rows);
+    ``where`` is a SQL condition on ``labels``."""
     condition = "error IS NULL" + (f" AND ({where})" if where else "")
-    order = "image_id" if review is None else f"{REVIEW_ORDER} LIMIT {int(review)}"
+    order = "" if review is None else f" ORDER BY {REVIEW_ORDER} LIMIT {int(review)}"
     import duckdb  # only the query side needs it
 
     require_output(output_uri)
     connection = duckdb.connect()
     try:
         connection.register("labels", open_labels(output_uri))
-        reader = connection.sql(
-            f"SELECT {', '.join(columns)} FROM labels WHERE {condition} ORDER BY {order}"
-        ).to_arrow_reader(batch_size=64)
+        reader = connection.sql(f"SELECT {', '.join(columns)} FROM labels WHERE {condition}{order}").to_arrow_reader(
+            batch_size=64
+        )
         for batch in reader:
             yield from batch.to_pylist()
     finally:
