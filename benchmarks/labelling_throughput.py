@@ -36,7 +36,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", default="480x640", help="generated image size HxW (default: 480x640)")
     parser.add_argument("--vocab-preset", default="voc20", help="vocabulary preset (default: voc20)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--cpus-per-actor", type=float, help="default: all CPUs but 0.75 for the other stages")
+    parser.add_argument(
+        "--cpus-per-actor", type=float, help="default: all CPUs but 0.75 for the other stages (with a GPU: 2)"
+    )
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (both loops)")
     return parser.parse_args()
 
 
@@ -71,11 +74,12 @@ def main() -> None:
     uris = storage.list_files(input_uri, storage.IMAGE_SUFFIXES)
     vocabulary = load_vocabulary(preset=args.vocab_preset)
     cpus = os.cpu_count() or 1
-    cpus_per_actor = args.cpus_per_actor or max(1.0, cpus - 0.75)
+    # On a GPU the actor only feeds the device: the CPUs go to decoding and encoding
+    cpus_per_actor = args.cpus_per_actor or (2.0 if torch.cuda.is_available() else max(1.0, cpus - 0.75))
 
     # Bare loop: same images, decoded up front, same batch size and thread count as the actor.
     torch.set_num_threads(max(1, math.ceil(cpus_per_actor)))
-    predictor = catseg.Predictor(catseg.load_model(checkpoint))
+    predictor = catseg.Predictor(catseg.load_model(checkpoint), precision=args.precision)
     images = [decode_image(storage.read_bytes(uri)) for uri in uris]
     predictor.predict_labels_batch(images[: args.batch_size], list(vocabulary.names))  # warm-up, embeds classes
     started = time.perf_counter()
@@ -97,6 +101,7 @@ def main() -> None:
             batch_size=args.batch_size,
             cpus_per_actor=cpus_per_actor,
             limit=limit,
+            precision=args.precision,
         )
         return run_labelling(config)
 

@@ -10,6 +10,9 @@ instead of materializing the guidance repeated over every class or pixel: same f
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -181,6 +184,18 @@ def linear_attention(
     return linear_attention_query(q, kv, k_sum, length)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassSummary:
+    """What class attention needs of every class to answer any of them: linear attention's key/value summaries."""
+
+    kv: torch.Tensor  # (B pixels) x heads x d x d
+    k_sum: torch.Tensor  # (B pixels) x heads x d
+    classes: int  # classes summed so far
+    length: int  # the padded sequence length the summaries are divided by
+    batch: int
+    pixels: int
+
+
 class ClassAggregation(nn.Module):
     """Attention across classes at each pixel: no positional encoding, so permuting classes permutes outputs.
 
@@ -230,31 +245,51 @@ class ClassAggregation(nn.Module):
         """The class list split in chunks (B x D x t_i x h x w, with guidance B x t_i x G) -> the same chunks.
 
         The list is updated in place and returned."""
-        classes = sum(chunk.shape[2] for chunk in chunks)
-        padding = self.pad_len - classes if self.pad_len > 0 else 0
-        length = classes + max(padding, 0)
-
-        kv = k_sum = None
+        length = self.sequence_length(sum(chunk.shape[2] for chunk in chunks))
+        summary = None
         for chunk, guidance in zip(chunks, guidances, strict=True):
-            normed = self.norm1(self._tokens(chunk))
-            pixels = normed.shape[1]
-            k = self._heads(guided_linear(self.k, normed, guidance.unsqueeze(1)), pixels)
-            v = self._heads(self.v(normed), pixels)
-            kv_i, k_sum_i = linear_attention_state(k, v, length)
-            kv, k_sum = (kv_i, k_sum_i) if kv is None else (kv + kv_i, k_sum + k_sum_i)
-        if padding > 0:
-            batch = chunks[0].shape[0]
-            pad = self.norm1(self.padding_tokens).unsqueeze(0)  # 1 x 1 x 1 x D, the same at every pixel
-            k = guided_linear(self.k, pad, self.padding_guidance.unsqueeze(0)).expand(batch, -1, -1, -1)
-            v = self.v(pad).expand(batch, -1, -1, -1)
-            counts = torch.full((1,), float(padding), device=k.device, dtype=k.dtype)
-            kv_pad, k_sum_pad = linear_attention_state(self._heads(k, pixels), self._heads(v, pixels), length, counts)
-            kv, k_sum = kv + kv_pad, k_sum + k_sum_pad
-
+            summary = self.add_summary(summary, chunk, guidance, length)
+        summary = self.add_padding(summary, length)
         # replace chunks in place: at inference each input chunk is freed as soon as its output exists
         for i, guidance in enumerate(guidances):
-            chunks[i] = self._answer(chunks[i], guidance, kv, k_sum, length)
+            chunks[i] = self.answer(chunks[i], guidance, summary)
         return chunks
+
+    def sequence_length(self, classes: int) -> int:
+        """Keys the attention averages over: the classes, padded to ``pad_len``."""
+        return max(classes, self.pad_len) if self.pad_len > 0 else classes
+
+    def add_summary(
+        self, summary: ClassSummary | None, x: torch.Tensor, guidance: torch.Tensor, length: int
+    ) -> ClassSummary:
+        """``summary`` plus the key/value summaries of one chunk's classes (B x D x t x h x w, guidance B x t x G);
+        ``length``: :meth:`sequence_length` of the whole class list."""
+        normed = self.norm1(self._tokens(x))
+        pixels = normed.shape[1]
+        k = self._heads(guided_linear(self.k, normed, guidance.unsqueeze(1)), pixels)
+        v = self._heads(self.v(normed), pixels)
+        kv, k_sum = linear_attention_state(k, v, length)
+        if summary is None:
+            return ClassSummary(kv, k_sum, x.shape[2], length, x.shape[0], pixels)
+        return dataclasses.replace(summary, kv=summary.kv + kv, k_sum=summary.k_sum + k_sum,
+                                   classes=summary.classes + x.shape[2])  # fmt: skip
+
+    def add_padding(self, summary: ClassSummary, length: int) -> ClassSummary:
+        """The summary of every class plus that of the padding (one key counted ``length - classes`` times)."""
+        padding = length - summary.classes
+        if padding <= 0:
+            return summary
+        pad = self.norm1(self.padding_tokens).unsqueeze(0)  # 1 x 1 x 1 x D, the same at every pixel
+        k = guided_linear(self.k, pad, self.padding_guidance.unsqueeze(0)).expand(summary.batch, -1, -1, -1)
+        v = self.v(pad).expand(summary.batch, -1, -1, -1)
+        counts = torch.full((1,), float(padding), device=k.device, dtype=k.dtype)
+        pixels = summary.pixels
+        kv_pad, k_sum_pad = linear_attention_state(self._heads(k, pixels), self._heads(v, pixels), length, counts)
+        return dataclasses.replace(summary, kv=summary.kv + kv_pad, k_sum=summary.k_sum + k_sum_pad)
+
+    def answer(self, x: torch.Tensor, guidance: torch.Tensor, summary: ClassSummary) -> torch.Tensor:
+        """One chunk's classes attend to every class through the summary of all of them (padding included)."""
+        return self._answer(x, guidance, summary.kv, summary.k_sum, summary.length)
 
     def _answer(
         self, x: torch.Tensor, guidance: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, length: int
@@ -351,3 +386,40 @@ class CostAggregator(nn.Module):
                 chunks[i] = layer.spatial(chunk, appearance)
             chunks = layer.class_attention.forward_chunks(chunks, texts)
         return chunks
+
+    def stream(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, class_chunk: int
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """:meth:`forward` one aggregated chunk at a time, holding nothing per class across chunks.
+
+        A layer's class attention needs a summary of every class's input to that layer. Each layer's summary is
+        gathered in one pass over the chunks, recomputing each chunk's earlier layers from its cost volume (their
+        summaries are known by then); a last pass yields the chunks. The operations on each chunk are those of
+        :meth:`forward` with the same ``class_chunk``, so the outputs are the same; the price is recomputation
+        (with 2 layers: the first spatial block 3 times, the second twice).
+        """
+        classes = text_features.shape[1]
+        slices = [slice(start, start + class_chunk) for start in range(0, classes, class_chunk)]
+        appearance = self.appearance_guidance_proj(image_features)
+        text = self.text_guidance_proj(F.normalize(text_features.mean(dim=-2), dim=-1))
+        summaries: list[ClassSummary] = []
+
+        def through(part: slice, layers: int) -> torch.Tensor:
+            """A chunk's cost embedding through ``layers`` whole layers and the spatial half of the next one."""
+            x = self.embed(image_features, text_features[:, part])
+            for index, layer in enumerate(self.layers[: layers + 1]):
+                x = layer.spatial(x, appearance)
+                if index < layers:
+                    x = layer.class_attention.answer(x, text[:, part], summaries[index])
+            return x
+
+        for index, layer in enumerate(self.layers):
+            attention = layer.class_attention
+            length = attention.sequence_length(classes)
+            summary = None
+            for part in slices:
+                summary = attention.add_summary(summary, through(part, index), text[:, part], length)
+            summaries.append(attention.add_padding(summary, length))
+        last = len(self.layers) - 1
+        for part in slices:
+            yield part, self.layers[last].class_attention.answer(through(part, last), text[:, part], summaries[last])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,19 @@ class CATSeg(nn.Module):
             return logits
         full = logits.new_full((batch, classes, *logits.shape[2:]), TRUNCATED_LOGIT)
         return full.scatter(1, kept[:, :, None, None].expand(-1, -1, *logits.shape[2:]), logits)
+
+    def segment_streamed(
+        self, dense: torch.Tensor, guidance: list[torch.Tensor], text: torch.Tensor, *, class_chunk: int
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """:meth:`segment` with ``truncate=False``, one class chunk of logits (B x t x 4h x 4w) at a time, in class
+        order: memory does not grow with the vocabulary (see :meth:`CostAggregator.stream`); the logits are those
+        of :meth:`segment` with the same ``class_chunk``."""
+        if class_chunk < 1:
+            raise ValueError(f"class_chunk must be a positive number of classes, got {class_chunk}")
+        text = text.unsqueeze(0).expand(dense.shape[0], -1, -1, -1)  # B x T x P x C
+        decoder_guidance = self.decoder.project_guidance(guidance)
+        for part, chunk in self.aggregator.stream(dense, text, class_chunk):
+            yield part, self.decoder(chunk, decoder_guidance)
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ the same floats as one call; the tests check it bit for bit.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ AUTOCAST_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16), st
 # class_chunk x 1 MP floats).
 BANDED_ABOVE_PIXELS = 1 << 20
 BAND_FLOATS = 1 << 22  # floats per band (16 MB): the memory of a band is the same whatever the image size
+# Vocabularies above this stream through the model by default when nothing truncates them (memory flat in T)
+STREAM_ABOVE_CLASSES = 256
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -120,6 +122,10 @@ class Predictor:
     a vocabulary larger than 256 instead of the reference's per-image top-256 (which gives the rest logit -100).
     ``precision`` "bfloat16" or "float16" runs the model under autocast (faster on GPUs with tensor cores;
     outputs differ slightly from float32, see the README for the measured effect).
+    ``stream_classes`` makes :meth:`predict_labels_batch` hold nothing per class across class chunks (memory flat
+    in the vocabulary, at the cost of recomputing the aggregator's earlier layers; same labels). The default
+    (None) streams when every class goes through class attention untruncated and there are more than
+    :data:`STREAM_ABOVE_CLASSES`.
     """
 
     DEFAULT_CLASS_CHUNK = 32  # bounds memory at no cost in outputs; jobs record it with their results
@@ -137,6 +143,7 @@ class Predictor:
         truncate: bool = True,
         precision: str = "float32",
         cache_size: int = 4,
+        stream_classes: bool | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
@@ -151,6 +158,7 @@ class Predictor:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.cache_size = cache_size
+        self.stream_classes = stream_classes
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # -- vocabulary -------------------------------------------------------------------------------------------
@@ -212,6 +220,36 @@ class Predictor:
             logits.append(out.float())
         return list(torch.cat(logits).split(len(self.offsets) + 1))
 
+    def streams(self, num_classes: int) -> bool:
+        """Whether :meth:`predict_labels_batch` streams a vocabulary of this size (see ``stream_classes``)."""
+        pad_len = self.model.config.pad_len
+        truncated = self.truncate and 0 < pad_len < num_classes
+        if truncated:  # the top-pad_len selection needs every class at once; it bounds memory by itself
+            return False
+        return self.stream_classes if self.stream_classes is not None else num_classes > STREAM_ABOVE_CLASSES
+
+    @torch.inference_mode()
+    def _streamed_view_logits(self, image: torch.Tensor, text: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """One image's view logits V x t x 96 x 96, one class chunk at a time (:meth:`CATSeg.segment_streamed`)."""
+        views = self._views(image.to(self.device))
+        dtype = AUTOCAST_DTYPES[self.precision]
+
+        def autocast() -> torch.autocast:  # entered per step: never left on while this generator is suspended
+            return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+        with autocast():
+            encoded = [self.model.encode_images(group) for group in views.split(self.views_per_forward)]
+        dense = torch.cat([d for d, _ in encoded])
+        guidance = [torch.cat(parts) for parts in zip(*(g for _, g in encoded), strict=True)]
+        del encoded, views
+        stream = self.model.segment_streamed(dense, guidance, text, class_chunk=self.class_chunk)
+        while True:
+            with autocast():
+                step = next(stream, None)
+            if step is None:
+                return
+            yield step[0], step[1].float()
+
     def _class_chunks(self, classes: int) -> list[slice]:
         return [slice(start, start + self.class_chunk) for start in range(0, classes, self.class_chunk)]
 
@@ -249,17 +287,23 @@ class Predictor:
         each pixel (the top-1 minus top-2 margin measures how sure the label is), at the same memory bound."""
         tensors = [_image_chw(img) for img in images]
         text = self.embed_classes(classes)
+        num_classes = text.shape[0]
+        streamed = self.streams(num_classes)
+        all_logits = [None] * len(tensors) if streamed else self._view_logits(tensors, text)
         out = []
-        for tensor, logits in zip(tensors, self._view_logits(tensors, text), strict=True):
-            num_classes = logits.shape[1]
+        for tensor, logits in zip(tensors, all_logits, strict=True):
             height, width = tensor.shape[-2:]
             banded = height * width > BANDED_ABOVE_PIXELS
             size = (width, height) if banded else (height, width)  # see _keep_best
             best = torch.full(size, -1.0, device=self.device)  # below every probability: the first chunk wins
             second = torch.full(size, -1.0, device=self.device) if runner_up else None
             labels = torch.zeros(size, dtype=_torch_label_dtype(num_classes), device=self.device)
-            for part in self._class_chunks(num_classes):
-                self._keep_best(self._stitch(logits[:, part]), part.start, best, labels, second)
+            if streamed:
+                chunks = self._streamed_view_logits(tensor, text)
+            else:
+                chunks = ((part, logits[:, part]) for part in self._class_chunks(num_classes))
+            for part, chunk in chunks:
+                self._keep_best(self._stitch(chunk), part.start, best, labels, second)
             maps = [labels, best] + ([second.clamp_(min=0)] if second is not None else [])  # 1 class: no runner-up
             if banded:
                 maps = [m.T for m in maps]

@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
+import torch
 from labelling_samples import bad_images, good_images, upload
 
 from pipelines.labelling import LabelConfig, image_id_for, run_labelling
@@ -169,8 +170,10 @@ def test_model_actor_given_a_fake_gpu_runs_on_cpu(ray_cluster, tiny_checkpoint):
     actor = ray.remote(num_gpus=1, num_cpus=0.5)(SegmentationModel).remote(tiny_checkpoint, ["cat", "sky"], 1)
     try:
         info = ray.get(actor.device_info.remote())
-        assert info["ray_gpu_ids"] == ["0"]  # scheduled on the (fake) GPU ...
-        assert info["device"] == "cpu" and not info["cuda_available"]  # ... and fell back to the CPU
+        assert info["ray_gpu_ids"] == ["0"]  # scheduled on the GPU (a fake one without CUDA) ...
+        assert info["device"] == ("cuda" if info["cuda_available"] else "cpu")  # ... and ran where torch can
+        if not torch.cuda.is_available():  # this machine has no GPU: the actor fell back to the CPU
+            assert info["device"] == "cpu" and not info["cuda_available"]
         data, (height, width) = good_images()["photo.png"]
         batch = decode_images(
             pa.table({"image_id": ["a"], "source_uri": ["mem://photo.png"], "data": [data], "error": [None]})

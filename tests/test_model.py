@@ -252,3 +252,22 @@ def test_split_guidance_convolution_equals_concatenation(tiny_model):
         concatenated = up.conv(torch.cat([up.up(x), guidance.repeat_interleave(3, dim=0)], dim=1))
         assert torch.allclose(up(x, guidance), concatenated, atol=1e-5)
         assert torch.allclose(up(x.contiguous(memory_format=torch.channels_last), guidance), concatenated, atol=1e-5)
+
+
+@pytest.mark.parametrize(("classes", "chunk", "batch"), [(37, 8, 2), (256, 100, 1), (300, 64, 1)])
+def test_streamed_segmentation_equals_the_chunked_and_the_unchunked_model(tiny_model, classes, chunk, batch):
+    """T < 256 (padding), T = 256 and T = 300 with truncation off: streaming holds nothing per class across
+    chunks, recomputes, and gives the chunked model's logits bit for bit (the unchunked model's to float error)."""
+    torch.manual_seed(classes)
+    images = torch.rand(batch, 3, 96, 128) * 255
+    text = tiny_model.embed_classes([f"thing {i}" for i in range(classes)])
+    with torch.inference_mode():
+        dense, guidance = tiny_model.encode_images(images)
+        chunked = tiny_model.segment(dense, guidance, text, class_chunk=chunk, truncate=False)
+        whole = tiny_model.segment(dense, guidance, text, truncate=False)
+        parts = list(tiny_model.segment_streamed(dense, guidance, text, class_chunk=chunk))
+    assert [p.start for p, _ in parts] == list(range(0, classes, chunk))
+    streamed = torch.cat([logits for _, logits in parts], dim=1)
+    assert streamed.shape == whole.shape == (batch, classes, 96, 96)
+    assert torch.equal(streamed, chunked)
+    torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-5)

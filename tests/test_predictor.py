@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,7 +111,7 @@ def test_cache_is_invalidated_when_the_text_encoder_changes():
 
 
 def test_device_defaults_to_cuda_only_when_present(tiny_model):
-    predictor = catseg.Predictor(tiny_model)
+    predictor = catseg.Predictor(copy.deepcopy(tiny_model))  # the Predictor moves its model: not the shared one
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert predictor.device.type == expected
     assert next(predictor.model.parameters()).device.type == expected
@@ -210,3 +212,21 @@ def test_a_24_megapixel_image_at_150_classes_stays_under_a_memory_bound():
     assert result.returncode == 0, result.stderr[-3000:]
     peak_above_mib = float(result.stdout.strip().splitlines()[-1])
     assert peak_above_mib < 1024, f"{peak_above_mib:.0f} MiB above the loaded model"
+
+
+def test_streamed_labels_equal_the_held_computation(tiny_model, photo):
+    names = [f"thing {i}" for i in range(40)]
+    held = catseg.Predictor(tiny_model, device="cpu", class_chunk=16, stream_classes=False)
+    streamed = catseg.Predictor(tiny_model, device="cpu", class_chunk=16, stream_classes=True)
+    assert streamed.streams(40) and not held.streams(40)
+    expected = held.predict_labels_batch([photo], names, runner_up=True)[0]
+    got = streamed.predict_labels_batch([photo], names, runner_up=True)[0]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_untruncated_large_vocabularies_stream_by_default(tiny_model):
+    predictor = catseg.Predictor(tiny_model, device="cpu", truncate=False)
+    assert predictor.streams(catseg.predictor.STREAM_ABOVE_CLASSES + 1)
+    assert not predictor.streams(catseg.predictor.STREAM_ABOVE_CLASSES)
+    assert not catseg.Predictor(tiny_model, device="cpu").streams(1000)  # truncation bounds memory itself

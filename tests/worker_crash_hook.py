@@ -19,9 +19,9 @@ def install() -> None:
 
     original = catseg.Predictor.predict_labels_batch
 
-    def predict_labels_batch(self, images, classes):
+    def predict_labels_batch(self, images, classes, **options):
         if any(is_marked(np.asarray(image)) for image in images):
             os._exit(17)
-        return original(self, images, classes)
+        return original(self, images, classes, **options)
 
     catseg.Predictor.predict_labels_batch = predict_labels_batch
