@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one command on one GPU machine (at most about 8 minutes): Predictor images/s for vit_b16 at
+# The GPU figures in one command on one GPU machine (at most 8 minutes: each part has its own time limit): Predictor images/s for vit_b16 at
 # T = 20, 150, 847 in float32 and bfloat16 with peak GPU memory; bfloat16 against float32 labels; the labelling
 # pipeline against a bare Predictor loop over the same 64 images; the test suite's result on the GPU.
 #
@@ -26,15 +26,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if ! has open_clip; then echo "open_clip_torch is missing: carry its wheel (and ftfy, wcwidth) in .whl/"; exit 1; fi
 
 part "1. Predictor, $MODEL (random weights), one 640x480 image: images/s and peak GPU memory"
-timeout 200 "$PY" benchmarks/model_forward.py --model "$MODEL" --classes 20 150 847 --precision float32 bfloat16 \
+timeout 150 "$PY" benchmarks/model_forward.py --model "$MODEL" --classes 20 150 847 --precision float32 bfloat16 \
     --repeats 5
 
 part "2. bfloat16 against float32 at T = 150: time, probability difference, label agreement"
-timeout 60 "$PY" benchmarks/precision.py --model "$MODEL" --classes 150
+timeout 45 "$PY" benchmarks/precision.py --model "$MODEL" --classes 150
 
 part "3. labelling pipeline against a bare Predictor loop, the same 64 images, T = 150 (ade150), bfloat16"
 if has ray && has duckdb && has s3fs; then
-    timeout 180 "$PY" benchmarks/labelling_throughput.py --arch "$MODEL" --images 64 --vocab-preset ade150 \
+    timeout 135 "$PY" benchmarks/labelling_throughput.py --arch "$MODEL" --images 64 --vocab-preset ade150 \
         --batch-size 8 --precision bfloat16
 else
     echo "skipped: ray, duckdb or s3fs is missing (carry their wheels in .whl/)"
@@ -42,7 +42,7 @@ fi
 
 part "4. the tests that run the model (Predictor, model, labelling stages and pipeline) on the GPU"
 if has pytest && has ray && has moto && has duckdb && has polars; then
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider --timeout 200 tests/test_predictor.py tests/test_model.py \
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider --timeout 120 tests/test_predictor.py tests/test_model.py \
         tests/test_labelling_stages.py tests/test_labelling.py 2>&1 | tail -15
 else
     echo "skipped: pytest, ray, moto, duckdb or polars is missing (carry their wheels in .whl/)"
