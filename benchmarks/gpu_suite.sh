@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures in one command on one GPU machine (at most 8 minutes: each part has its own time limit): Predictor images/s for vit_b16 at
-# T = 20, 150, 847 in float32 and bfloat16 with peak GPU memory; bfloat16 against float32 labels; the labelling
-# pipeline against a bare Predictor loop over the same 64 images; the test suite's result on the GPU.
+# The GPU figures in one command on one GPU machine, in at most 8 minutes (each part has its own time limit):
+# Predictor images/s for vit_b16 at T = 20, 150, 847 in float32 and bfloat16 with peak GPU memory; bfloat16
+# against float32 labels; the labelling pipeline against a bare Predictor loop over the same 64 images; the tests
+# that run the model, on the GPU.
 #
 #   bash benchmarks/gpu_suite.sh 2>&1 | tee gpu_suite.log
 #
