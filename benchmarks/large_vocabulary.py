@@ -110,7 +110,9 @@ def main() -> None:
             )
     base = results.get((256, args.chunk, False), {})
     for mode, sizes in (("chunked", args.chunked), ("streamed", args.streamed)):
-        largest = results.get((max(sizes), args.chunk, mode == "streamed"), {}) if sizes else {}
+        if not sizes or (mode == "chunked" and max(sizes) == 256):
+            continue
+        largest = results.get((max(sizes), args.chunk, mode == "streamed"), {})
         if "peak_mib" in base and "peak_mib" in largest:
             ratio = largest["peak_mib"] / base["peak_mib"]
             above = largest["above_model_mib"] / base["above_model_mib"]
