@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,11 +67,7 @@ class _StreamedFile:
     """A file written in pieces to any fsspec URI (local, or a multipart upload on object stores)."""
 
     def __init__(self, uri: str) -> None:
-        fs, path = storage.filesystem(uri)
-        parent = os.path.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        self._file = fs.open(path, "wb")
+        self._file = storage.open_for_writing(uri)
 
     def write(self, text: str) -> None:
         self._file.write(text.encode("utf-8"))
@@ -322,9 +317,7 @@ def export_hf(
         nonlocal records, size
         if records:
             files.append(f"data/train-{len(files):05d}.parquet")
-            fs, path = storage.filesystem(storage.join(destination, files[-1]))
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
-            with fs.open(path, "wb") as f:
+            with storage.open_for_writing(storage.join(destination, files[-1])) as f:
                 pq.write_table(pa.Table.from_pylist(records, schema=schema), f)
         records, size = [], 0
 

@@ -12,6 +12,7 @@ import posixpath
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from typing import IO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -127,12 +128,17 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def open_for_writing(uri: str) -> IO[bytes]:
+    """A binary file at ``uri``, its parent made first (on object stores, an upload that completes on close)."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
+    return fs.open(path, "wb")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_for_writing(uri) as f:
         f.write(data)
 
 
