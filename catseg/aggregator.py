@@ -364,6 +364,17 @@ class CostAggregator(nn.Module):
         x = self.cost_embed(rearrange(cost, "b p t h w -> (b t) p h w"))  # no activation, as in the reference
         return rearrange(x, "(b t) d h w -> b d t h w", b=batch)
 
+    def _guidance(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, class_chunk: int | None
+    ) -> tuple[list[slice], torch.Tensor, torch.Tensor]:
+        """The class chunks, the appearance guidance and the text guidance B x T x G (prompts averaged)."""
+        classes = text_features.shape[1]
+        step = class_chunk or classes
+        slices = [slice(start, start + step) for start in range(0, classes, step)]
+        appearance = self.appearance_guidance_proj(image_features)
+        text = F.normalize(text_features.mean(dim=-2), dim=-1)  # average over prompt templates
+        return slices, appearance, self.text_guidance_proj(text)
+
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, class_chunk: int | None = None
     ) -> list[torch.Tensor]:
@@ -373,12 +384,7 @@ class CostAggregator(nn.Module):
         Everything but the class attention is independent per class; chunking bounds the memory of those parts
         (and of the decoder after them) while the class attention still sees every class.
         """
-        classes = text_features.shape[1]
-        step = class_chunk or classes
-        slices = [slice(start, start + step) for start in range(0, classes, step)]
-        appearance = self.appearance_guidance_proj(image_features)
-        text = F.normalize(text_features.mean(dim=-2), dim=-1)  # average over prompt templates
-        text = self.text_guidance_proj(text)
+        slices, appearance, text = self._guidance(image_features, text_features, class_chunk)
         texts = [text[:, part] for part in slices]
         chunks = [self.embed(image_features, text_features[:, part]) for part in slices]
         for layer in self.layers:
@@ -399,9 +405,7 @@ class CostAggregator(nn.Module):
         (with 2 layers: the first spatial block 3 times, the second twice).
         """
         classes = text_features.shape[1]
-        slices = [slice(start, start + class_chunk) for start in range(0, classes, class_chunk)]
-        appearance = self.appearance_guidance_proj(image_features)
-        text = self.text_guidance_proj(F.normalize(text_features.mean(dim=-2), dim=-1))
+        slices, appearance, text = self._guidance(image_features, text_features, class_chunk)
         summaries: list[ClassSummary] = []
 
         def through(part: slice, layers: int) -> torch.Tensor:
