@@ -47,12 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-REVIEW_SQL = (
-    "SELECT image_id, source_uri, mean_margin, mean_confidence, low_confidence_fraction FROM labels "
-    "WHERE error IS NULL{where} ORDER BY {order} LIMIT {n}"
-)
-
-
 def _print_table(table, fmt: str, max_rows: int) -> None:
     if fmt == "json":
         import json
@@ -72,15 +66,15 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.output import REVIEW_ORDER, query_labels, require_output
+    from pipelines.output import query_labels, require_output, review_queue
 
     try:
         require_output(args.output)  # before anything is exported: a typo must not read as zero rows
         if args.sql or (args.review and not args.export):
-            sql = args.sql or REVIEW_SQL.format(
-                where=f" AND ({args.where})" if args.where else "", order=REVIEW_ORDER, n=int(args.review)
-            )
-            table = query_labels(args.output, sql)
+            if args.sql:
+                table = query_labels(args.output, args.sql)
+            else:
+                table = review_queue(args.output, args.review, where=args.where)
             try:
                 _print_table(table, args.format, args.max_rows)
             except ImportError:  # no polars: plain pyarrow rendering

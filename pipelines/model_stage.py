@@ -100,9 +100,6 @@ class InFlightImages:
         for image_id in image_ids:
             self._starts.pop(image_id, None)
 
-    def size(self) -> int:
-        return len(self._starts)
-
 
 def worker_died_error(deaths: int) -> str:
     return (

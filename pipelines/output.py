@@ -235,6 +235,16 @@ def query_labels(output_uri: str, sql: str) -> pa.Table:
 REVIEW_ORDER = "mean_margin ASC NULLS LAST, mean_confidence ASC NULLS LAST, image_id"
 
 
+def review_queue(output_uri: str, n: int, *, where: str | None = None) -> pa.Table:
+    """The ``n`` least certain labelled images (:data:`REVIEW_ORDER`) with their review signals."""
+    selection = f" AND ({where})" if where else ""
+    return query_labels(
+        output_uri,
+        "SELECT image_id, source_uri, mean_margin, mean_confidence, low_confidence_fraction FROM labels "
+        f"WHERE error IS NULL{selection} ORDER BY {REVIEW_ORDER} LIMIT {int(n)}",
+    )
+
+
 def labelled_rows(
     output_uri: str, columns: list[str], *, where: str | None = None, review: int | None = None
 ) -> Iterator[dict[str, Any]]:
