@@ -58,3 +58,28 @@ def upload(client, bucket: str, prefix: str, files: dict[str, bytes]) -> list[st
         client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
         uris.append(f"s3://{bucket}/{prefix}/{name}")
     return uris
+
+
+def label_on_s3(s3_endpoint: str, bucket: str, files: dict[str, bytes], classes: list[str], checkpoint: str) -> str:
+    """Upload ``files`` to s3://bucket/in/ and label them into s3://bucket/out with the tiny model on the test
+    cluster (batches of 3, a CPU actor of half a CPU); returns the output URI."""
+    import boto3
+
+    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.models import resolve_model
+    from pipelines.vocabulary import load_vocabulary
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    upload(client, bucket, "in", files)
+    config = LabelConfig(
+        output_uri=f"s3://{bucket}/out",
+        vocabulary=load_vocabulary(classes),
+        model=resolve_model(checkpoint=checkpoint),
+        input_uri=f"s3://{bucket}/in",
+        batch_size=3,
+        num_gpus_per_actor=0,
+        cpus_per_actor=0.5,
+    )
+    run_labelling(config)
+    return config.output_uri

@@ -10,22 +10,18 @@ import os
 import sys
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from labelling_samples import encode_image, noise_array, upload
+from labelling_samples import encode_image, label_on_s3, noise_array
 from PIL import Image
 
 from jobs import preview as preview_cli
 from jobs import query as query_cli
-from pipelines.labelling import LabelConfig, run_labelling
 from pipelines.masks import decode_mask_png
-from pipelines.models import resolve_model
 from pipelines.output import open_labels, write_manifest
 from pipelines.stages import PREDICTED_SCHEMA, encode_predictions
-from pipelines.vocabulary import load_vocabulary
 
 CLASSES = ["cat", "dog", "sky"]
 WIDE = [f"thing {i}" for i in range(300)]
@@ -39,25 +35,13 @@ def _rows(output: str) -> list[dict]:
 def labelled(ray_cluster, s3_endpoint, tiny_checkpoint):
     """(output URI, {image_id: row}, {source_uri: pixels}) of a real run on S3."""
     bucket = f"exports-{os.getpid() % 10000}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.create_bucket(Bucket=bucket)
     pixels = {f"e{i}.png": noise_array(30 + 6 * i, 44, 3, 70 + i) for i in range(5)}
     files = {name: encode_image(Image.fromarray(array), "PNG") for name, array in pixels.items()}
     files["broken.jpg"] = b"not a jpeg"
-    upload(client, bucket, "in", files)
-    config = LabelConfig(
-        output_uri=f"s3://{bucket}/out",
-        vocabulary=load_vocabulary(CLASSES),
-        model=resolve_model(checkpoint=tiny_checkpoint),
-        input_uri=f"s3://{bucket}/in",
-        batch_size=3,
-        num_gpus_per_actor=0,
-        cpus_per_actor=0.5,
-    )
-    run_labelling(config)
-    rows = {r["image_id"]: r for r in _rows(config.output_uri)}
+    output = label_on_s3(s3_endpoint, bucket, files, CLASSES, tiny_checkpoint)
+    rows = {r["image_id"]: r for r in _rows(output)}
     sources = {f"s3://{bucket}/in/{name}": array for name, array in pixels.items()}
-    return config.output_uri, rows, sources
+    return output, rows, sources
 
 
 @pytest.fixture(scope="module")

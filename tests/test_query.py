@@ -5,45 +5,28 @@ from __future__ import annotations
 import json
 import os
 
-import boto3
 import numpy as np
 import pytest
-from labelling_samples import encode_image, noise_array, upload
+from labelling_samples import encode_image, label_on_s3, noise_array
 from PIL import Image
 
 from jobs import query as query_cli
-from pipelines.labelling import LabelConfig, run_labelling
 from pipelines.masks import decode_mask_png
-from pipelines.models import resolve_model
 from pipelines.output import open_labels, query_labels
-from pipelines.vocabulary import load_vocabulary
 
 CLASSES = ["cat", "dog", "sky"]
 
 
 @pytest.fixture(scope="module")
 def labelled(ray_cluster, s3_endpoint, tiny_checkpoint):
-    bucket = f"query-{os.getpid() % 10000}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.create_bucket(Bucket=bucket)
     images = {
         f"q{i}.png": encode_image(Image.fromarray(noise_array(36 + 8 * i, 52, 3, 40 + i)), "PNG") for i in range(5)
     }
     images["broken.jpg"] = b"not a jpeg"
-    upload(client, bucket, "in", images)
-    config = LabelConfig(
-        output_uri=f"s3://{bucket}/out",
-        vocabulary=load_vocabulary(CLASSES),
-        model=resolve_model(checkpoint=tiny_checkpoint),
-        input_uri=f"s3://{bucket}/in",
-        batch_size=3,
-        num_gpus_per_actor=0,
-        cpus_per_actor=0.5,
-    )
-    run_labelling(config)
-    rows = open_labels(config.output_uri).to_table().to_pylist()
+    output = label_on_s3(s3_endpoint, f"query-{os.getpid() % 10000}", images, CLASSES, tiny_checkpoint)
+    rows = open_labels(output).to_table().to_pylist()
     masks = {r["image_id"]: decode_mask_png(r["mask_png"]) for r in rows if r["error"] is None}
-    return config.output_uri, masks
+    return output, masks
 
 
 def test_class_frequency_query_matches_the_masks(labelled):
