@@ -40,7 +40,7 @@ class GuidedUp(nn.Module):
         width = x.shape[1]
         y = F.conv2d(x, first.weight[:, :width], padding=first.padding)
         guided = F.conv2d(guidance, first.weight[:, width:], padding=first.padding)  # B x out x 2h x 2w
-        y = y.view(guidance.shape[0], -1, *y.shape[1:]) + guided.unsqueeze(1)
+        y = y.view(guidance.shape[0], -1, *y.shape[1:]).add_(guided.unsqueeze(1))  # in place: y is fresh
         return self.conv[1:](y.flatten(0, 1))
 
 

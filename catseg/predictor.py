@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import allocator
 from .config import PRECISIONS
 from .model import CATSeg, ClassesLike
 from .vocabulary import validate_vocabulary
@@ -126,6 +127,9 @@ class Predictor:
     in the vocabulary, at the cost of recomputing the aggregator's earlier layers; same labels). The default
     (None) streams when every class goes through class attention untruncated and there are more than
     :data:`STREAM_ABOVE_CLASSES`.
+    ``retain_freed_memory`` (on a CPU device) asks glibc's malloc to keep freed memory for the next forward
+    instead of unmapping it (:func:`catseg.allocator.retain_freed_memory`, process-wide): 1.3x faster vit_b16
+    forwards on CPU for about 10% more peak memory; the malloc variables of the environment win if set.
     """
 
     DEFAULT_CLASS_CHUNK = 32  # bounds memory at no cost in outputs; jobs record it with their results
@@ -144,8 +148,11 @@ class Predictor:
         precision: str = "float32",
         cache_size: int = 4,
         stream_classes: bool | None = None,
+        retain_freed_memory: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        if retain_freed_memory and self.device.type == "cpu":
+            allocator.retain_freed_memory()
         self.model = model.to(self.device).eval()
         self.resize, self.crop, self.stride = resize, crop, stride
         self.offsets = [(y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)]

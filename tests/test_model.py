@@ -233,7 +233,7 @@ def test_window_attention_equals_plain_masked_softmax_attention():
     guidance = torch.randn(2, 1, 4, 36, 8)  # per image, broadcast over classes
     with torch.no_grad():
         for mask in (None, block.attn_mask):
-            ours = attention(windows, guidance, mask)
+            ours = attention(windows, attention.guidance_terms(guidance), mask)
             with_guidance = torch.cat([windows, guidance.expand(-1, 3, -1, -1, -1)], dim=-1)
             q, k = attention.q(with_guidance), attention.k(with_guidance)
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-2, -3) for t in (q, k, attention.v(windows)))
