@@ -271,3 +271,36 @@ def test_streamed_segmentation_equals_the_chunked_and_the_unchunked_model(tiny_m
     assert streamed.shape == whole.shape == (batch, classes, 96, 96)
     assert torch.equal(streamed, chunked)
     torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_attention_feature_map_equals_elu_plus_one():
+    from catseg.aggregator import elu_plus_one
+
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.randn(10000) * 3])
+    assert torch.allclose(elu_plus_one(x), F.elu(x) + 1, rtol=0, atol=1e-7)
+    ours, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn_like(x)
+    (elu_plus_one(ours) * weights).sum().backward()
+    ((F.elu(plain) + 1) * weights).sum().backward()
+    assert torch.allclose(ours.grad, plain.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_cache_blocks_give_the_logits_of_whole_chunks(tiny_model, monkeypatch):
+    """At CPU inference the Swin blocks and MLPs run a cache-sized block of rows at a time; training and GPUs run
+    whole chunks. Both give the same logits."""
+    import catseg.aggregator as aggregator
+
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 200, 300) * 255
+    with torch.inference_mode():
+        text = tiny_model.embed_classes([f"class {i}" for i in range(37)])
+        rows_per_class = 2 * tiny_model.backbone.grid_size**2
+        assert aggregator.cache_block(images, 37, rows_per_class) < 37  # the blocked path is the one under test
+        blocked = tiny_model(images, text, class_chunk=16)
+        monkeypatch.setattr(aggregator, "CPU_BLOCK_ROWS", 10**9)
+        whole = tiny_model(images, text, class_chunk=16)
+    assert (blocked - whole).abs().max() <= 1e-5
+    with torch.enable_grad():  # training's path: whole chunks, through autograd
+        assert aggregator.cache_block(images, 37, rows_per_class) == 37
+        trained = tiny_model(images, text.clone(), class_chunk=16)
+    assert (trained.detach() - blocked).abs().max() <= 1e-5
