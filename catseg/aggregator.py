@@ -39,17 +39,29 @@ def cache_block(x: torch.Tensor, items: int, rows_per_item: int) -> int:
     return max(1, CPU_BLOCK_ROWS // rows_per_item)
 
 
+def add_residual(fresh: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + fresh``, added in place into ``fresh`` (a result no one else holds; autograd saves neither
+    operand of an addition) when its dtype holds the sum: one pass over memory instead of a new tensor. The same
+    floats, since addition commutes; under autocast a sum that promotes is computed out of place, as before."""
+    if torch.promote_types(fresh.dtype, residual.dtype) == fresh.dtype:
+        return fresh.add_(residual)
+    return fresh + residual
+
+
 def residual_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:
     """``x + mlp(norm(x))`` over the last dim, in cache-sized blocks of rows at CPU inference."""
     rows = x.shape[:-1].numel()
     step = cache_block(x, rows, 1)
     if step >= rows:
-        return mlp(norm(x)).add_(x)  # the residual added in place into the fresh MLP output
+        return add_residual(mlp(norm(x)), x)
     flat = x.reshape(rows, x.shape[-1])
-    out = torch.empty_like(flat)
+    out = None
     for start in range(0, rows, step):
         part = flat[start : start + step]
-        torch.add(mlp(norm(part)), part, out=out[start : start + step])
+        block = add_residual(mlp(norm(part)), part)
+        if out is None:
+            out = flat.new_empty(flat.shape, dtype=block.dtype)
+        out[start : start + step] = block
     return out.view(x.shape)
 
 
@@ -357,8 +369,7 @@ class ClassAggregation(nn.Module):
         normed = self.norm1(tokens)
         q = self._heads(guided_linear(self.q, normed, guidance.unsqueeze(1)), tokens.shape[1])
         attended = rearrange(linear_attention_query(q, kv, k_sum, length), "(b p) t h d -> b p t (h d)", b=batch)
-        # residuals added into the fresh results in place (autograd keeps neither): a + b == b + a, bit for bit
-        tokens = attended.add_(tokens)  # no output projection, as in the reference
+        tokens = add_residual(attended, tokens)  # no output projection, as in the reference
         tokens = residual_mlp(tokens, self.norm2, self.mlp)
 
         ph = height // self._pooling()

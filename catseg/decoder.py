@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .aggregator import add_residual
+
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     """(Conv3x3 without bias -> GroupNorm(out/16) -> ReLU) twice."""
@@ -40,7 +42,7 @@ class GuidedUp(nn.Module):
         width = x.shape[1]
         y = F.conv2d(x, first.weight[:, :width], padding=first.padding)
         guided = F.conv2d(guidance, first.weight[:, width:], padding=first.padding)  # B x out x 2h x 2w
-        y = y.view(guidance.shape[0], -1, *y.shape[1:]).add_(guided.unsqueeze(1))  # in place: y is fresh
+        y = add_residual(y.view(guidance.shape[0], -1, *y.shape[1:]), guided.unsqueeze(1))
         return self.conv[1:](y.flatten(0, 1))
 
 

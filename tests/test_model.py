@@ -304,3 +304,16 @@ def test_cpu_cache_blocks_give_the_logits_of_whole_chunks(tiny_model, monkeypatc
         assert aggregator.cache_block(images, 37, rows_per_class) == 37
         trained = tiny_model(images, text.clone(), class_chunk=16)
     assert (trained.detach() - blocked).abs().max() <= 1e-5
+
+
+def test_residuals_are_added_in_place_only_when_the_sum_keeps_the_dtype():
+    from catseg.aggregator import add_residual
+
+    fresh, residual = torch.randn(4, 8), torch.randn(4, 8)
+    expected = residual + fresh
+    out = add_residual(fresh, residual)
+    assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, expected)
+    low = torch.randn(4, 8).bfloat16()  # autocast: a bfloat16 result beside a float32 residual stream
+    kept = low.clone()
+    promoted = add_residual(low, residual)
+    assert promoted.dtype == torch.float32 and torch.equal(promoted, residual + kept) and torch.equal(low, kept)
