@@ -148,9 +148,13 @@ def run(args: argparse.Namespace, directory: str) -> None:
                 flush=True,
             )
         if args.profile:
-            with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.inference_mode(), torch.profiler.profile(activities=activities) as p:
                 forward()
-            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(p.key_averages().table(sort_by=key, row_limit=20))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in one command on one GPU machine, in at most 8 minutes (each part has its own time limit):
-# Predictor images/s for vit_b16 at T = 20, 150, 847 in float32 and bfloat16 with peak GPU memory; bfloat16
+# Predictor images/s for vit_b16 at T = 20, 150, 847 in float32 and bfloat16 with peak GPU memory; the forward's
+# achieved FLOP/s against the GPU's matmul rate; bfloat16
 # against float32 labels; the labelling pipeline against a bare Predictor loop over the same 64 images; the tests
 # that run the model, on the GPU.
 #
@@ -27,8 +28,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if ! has open_clip; then echo "open_clip_torch is missing: carry its wheel (and ftfy, wcwidth) in .whl/"; exit 1; fi
 
 part "1. Predictor, $MODEL (random weights), one 640x480 image: images/s and peak GPU memory"
-timeout 150 "$PY" benchmarks/model_forward.py --model "$MODEL" --classes 20 150 847 --precision float32 bfloat16 \
+timeout 120 "$PY" benchmarks/model_forward.py --model "$MODEL" --classes 20 150 847 --precision float32 bfloat16 \
     --repeats 5
+
+part "1b. forward efficiency at T = 150, bfloat16: achieved FLOP/s against the GPU's own bf16 matmul rate"
+timeout 30 "$PY" benchmarks/forward_efficiency.py --model "$MODEL" --classes 150 --precision bfloat16 --repeats 10
 
 part "2. bfloat16 against float32 at T = 150: time, probability difference, label agreement"
 timeout 45 "$PY" benchmarks/precision.py --model "$MODEL" --classes 150
