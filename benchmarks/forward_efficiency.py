@@ -1,8 +1,8 @@
 """How close the model forward comes to the machine's matrix-multiply rate, on the default inference path.
 
 One view of 384² through ``model(image, classes, class_chunk=Predictor.DEFAULT_CLASS_CHUNK)`` under
-``torch.inference_mode`` after a ``Predictor`` is made (which sets what the default path sets, e.g. the CPU
-malloc settings of ``catseg.allocator``). FLOPs are counted with ``torch.utils.flop_counter`` (matmuls,
+``torch.inference_mode`` inside ``Predictor.forward_context()``, as the Predictor calls its model (autocast; on
+CPU the malloc setting of ``catseg.allocator``). FLOPs are counted with ``torch.utils.flop_counter`` (matmuls,
 convolutions, attention); the machine's rate is a 2048² matmul in the same precision on the same threads, measured
 in the same run between the forwards (median of each), so that load on a shared machine affects both alike.
 
@@ -100,15 +100,14 @@ def run(args: argparse.Namespace, directory: str) -> None:
         f"model: {args.model}, precision: {args.precision}, "
         f"malloc: {'glibc defaults' if args.no_retain_freed_memory else 'retain freed memory (default path)'}"
     )
-    autocast = AUTOCAST_DTYPES[args.precision]
-    gemm_dtype = autocast or torch.float32
+    gemm_dtype = AUTOCAST_DTYPES[args.precision] or torch.float32
     size = model.config.input_size
     image = torch.rand(1, 3, size, size, device=device) * 255
     for classes in args.classes:
         text = predictor.embed_classes([f"class {i}" for i in range(classes)]).detach()
 
         def forward(text=text, model=model) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=gemm_dtype, enabled=autocast is not None):
+            with predictor.forward_context():  # autocast, and on CPU the malloc setting of the default path
                 return model(image, text, class_chunk=predictor.class_chunk, truncate=predictor.truncate)
 
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

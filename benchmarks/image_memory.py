@@ -1,10 +1,10 @@
 """Memory per image: the model's peak against image size, and a whole labelling run's peak.
 
 1. One ``Predictor.predict_labels`` call per image size (1, 12, 24, 48 MP, 3:2, T = 150 classes by default), each
-   in a fresh process: peak resident memory above the loaded, warm model (CPU: the peak is reset after loading
-   through /proc/self/clear_refs; CUDA: ``torch.cuda.max_memory_allocated``). ``banded`` is the default path;
-   ``one call`` upsamples each class chunk to the whole image at once (the computation before the bands, which
-   gives the same labels) for comparison, up to ``--one-call-up-to`` MP.
+   in a fresh process: peak resident memory above the loaded model, a warm-up forward included (CPU: the peak is
+   reset after loading through /proc/self/clear_refs; CUDA: ``torch.cuda.max_memory_allocated``). ``banded`` is
+   the default path; ``one call`` upsamples each class chunk to the whole image at once (the computation before
+   the bands, which gives the same labels) for comparison, up to ``--one-call-up-to`` MP.
 2. ``jobs.label`` with default options over a folder of small images, then the same folder plus one image of each
    ``--run-sizes`` MP: the peak of the whole process tree (sum of PSS, so pages Ray's object store shares between
    processes count once), sampled from /proc every 0.2 s since Ray's workers are not the driver's children on a
@@ -44,7 +44,7 @@ MEASURE = textwrap.dedent(
     torch.manual_seed(0)
     predictor = catseg.Predictor(catseg.build_model(name).eval())
     names = [f"class {i}" for i in range(classes)]
-    predictor.predict_labels(np.zeros((64, 64, 3), np.uint8), names)  # warm, vocabulary embedded
+    predictor.embed_classes(names)
     height = int(round((megapixels * 1e6 / 1.5) ** 0.5))
     width = int(round(height * 1.5))
     image = np.full((height, width, 3), 90, dtype=np.uint8)
@@ -58,6 +58,9 @@ MEASURE = textwrap.dedent(
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak (VmHWM) restarts from the current RSS: loading does not count
         before = rss_mib("VmRSS")
+    # the warm-up forward counts: on CPU the Predictor keeps freed memory for the next forward
+    # (catseg.allocator), so a warm process already holds the forward's working memory
+    predictor.predict_labels(np.zeros((64, 64, 3), np.uint8), names)
     start = time.perf_counter()
     labels, confidence = predictor.predict_labels(image, names)
     seconds = time.perf_counter() - start

@@ -14,6 +14,7 @@ the same floats as one call; the tests check it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -127,9 +128,9 @@ class Predictor:
     in the vocabulary, at the cost of recomputing the aggregator's earlier layers; same labels). The default
     (None) streams when every class goes through class attention untruncated and there are more than
     :data:`STREAM_ABOVE_CLASSES`.
-    ``retain_freed_memory`` (on a CPU device) asks glibc's malloc to keep freed memory for the next forward
-    instead of unmapping it (:func:`catseg.allocator.retain_freed_memory`, process-wide): 1.3x faster vit_b16
-    forwards on CPU for about 10% more peak memory; the malloc variables of the environment win if set.
+    ``retain_freed_memory`` (on a CPU device) keeps the model's activations in glibc's heap from one forward to
+    the next instead of unmapping and page-faulting them in again (:func:`catseg.allocator.retaining_freed_memory`,
+    around each model call): 1.1-1.3x faster CPU forwards; ``MALLOC_MMAP_MAX_`` in the environment turns it off.
     """
 
     DEFAULT_CLASS_CHUNK = 32  # bounds memory at no cost in outputs; jobs record it with their results
@@ -151,8 +152,7 @@ class Predictor:
         retain_freed_memory: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        if retain_freed_memory and self.device.type == "cpu":
-            allocator.retain_freed_memory()
+        self.retain_freed_memory = retain_freed_memory and self.device.type == "cpu"
         self.model = model.to(self.device).eval()
         self.resize, self.crop, self.stride = resize, crop, stride
         self.offsets = [(y, x) for y in crop_offsets(resize, crop, stride) for x in crop_offsets(resize, crop, stride)]
@@ -219,13 +219,22 @@ class Predictor:
     def _view_logits(self, images: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the logits of its views: V x T x 96 x 96 (small: the stitching runs per class chunk)."""
         views = torch.cat([self._views(img.to(self.device)) for img in images])
-        dtype = AUTOCAST_DTYPES[self.precision]
         logits = []
         for chunk in views.split(self.views_per_forward):
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with self.forward_context():
                 out = self.model(chunk, text, class_chunk=self.class_chunk, truncate=self.truncate)
             logits.append(out.float())
         return list(torch.cat(logits).split(len(self.offsets) + 1))
+
+    def forward_context(self) -> contextlib.ExitStack:
+        """The context of every model call the Predictor makes (enter it to call ``self.model`` the same way):
+        autocast at ``precision``; on CPU, freed memory kept for the next call (``retain_freed_memory``)."""
+        stack = contextlib.ExitStack()
+        dtype = AUTOCAST_DTYPES[self.precision]
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None))
+        if self.retain_freed_memory:
+            stack.enter_context(allocator.retaining_freed_memory())
+        return stack
 
     def streams(self, num_classes: int) -> bool:
         """Whether :meth:`predict_labels_batch` streams a vocabulary of this size (see ``stream_classes``)."""
@@ -239,19 +248,15 @@ class Predictor:
     def _streamed_view_logits(self, image: torch.Tensor, text: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """One image's view logits V x t x 96 x 96, one class chunk at a time (:meth:`CATSeg.segment_streamed`)."""
         views = self._views(image.to(self.device))
-        dtype = AUTOCAST_DTYPES[self.precision]
-
-        def autocast() -> torch.autocast:  # entered per step: never left on while this generator is suspended
-            return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-        with autocast():
+        # the model-call context is entered per step: never left on while this generator is suspended
+        with self.forward_context():
             encoded = [self.model.encode_images(group) for group in views.split(self.views_per_forward)]
         dense = torch.cat([d for d, _ in encoded])
         guidance = [torch.cat(parts) for parts in zip(*(g for _, g in encoded), strict=True)]
         del encoded, views
         stream = self.model.segment_streamed(dense, guidance, text, class_chunk=self.class_chunk)
         while True:
-            with autocast():
+            with self.forward_context():
                 step = next(stream, None)
             if step is None:
                 return

@@ -8,9 +8,8 @@ built from 64 MiB heaps that are unmapped as soon as they empty, so each forward
 activations afresh. ``benchmarks/worker_thread.py``
 with vit_b16 on a 2-core CPU: the same Predictor call took 1.28x as long in a worker thread as in the main
 thread (6.7x the page faults, 3.4 s of system time per call); with one arena, a 32 MiB mmap threshold and a
-high trim threshold 1.07x. Blocks of 32 MiB and more were still unmapped on free, so every large activation was
-page-faulted in again each call (in any thread): the settings now turn mmap off too, and the heap keeps up to
-512 MiB of freed memory for the next call (``catseg.allocator``; 1.3x faster vit_b16 forwards on this CPU).
+high trim threshold 1.07x. Blocks of 32 MiB and more are still unmapped on free; the Predictor turns mmap off
+around its model calls so that those activations stay in the heap too (``catseg.allocator``).
 
 The settings are environment variables read by glibc when the process starts, so they travel in the worker's
 runtime_env (Ray merges its env_vars with the job's). A variable the driver's environment already sets is left
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 CPU_WORKER_MALLOC_ENV: Mapping[str, str] = {
     "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",  # large tensors from the heap, reused across forwards (catseg.allocator says why)
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's largest allowed value
     "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
 }
 
