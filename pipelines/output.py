@@ -19,6 +19,7 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -213,21 +214,28 @@ def require_output(output_uri: str) -> None:
 
 
 # -- queries --------------------------------------------------------------------------------------------------
-def query_labels(output_uri: str, sql: str) -> pa.Table:
-    """Run DuckDB SQL over the output, exposed as the table ``labels``.
+@contextmanager
+def labels_connection(output_uri: str) -> Iterator[Any]:
+    """One DuckDB connection with the output registered as the table ``labels`` (s3:// is listed once).
 
-    Data is scanned through a pyarrow dataset, so s3:// works without DuckDB's httpfs extension. Per-class rows:
-    ``SELECT s.class_name, count(*) FROM labels, unnest(class_stats) AS t(s) GROUP BY 1``.
-    """
+    Data is scanned through a pyarrow dataset, so s3:// works without DuckDB's httpfs extension."""
     import duckdb  # only the query side needs it
 
-    require_output(output_uri)
     connection = duckdb.connect()
     try:
         connection.register("labels", open_labels(output_uri))
-        return connection.sql(sql).to_arrow_table()
+        yield connection
     finally:
         connection.close()
+
+
+def query_labels(output_uri: str, sql: str) -> pa.Table:
+    """Run DuckDB SQL over the output, exposed as the table ``labels`` (:func:`labels_connection`). Per-class
+    rows: ``SELECT s.class_name, count(*) FROM labels, unnest(class_stats) AS t(s) GROUP BY 1``.
+    """
+    require_output(output_uri)
+    with labels_connection(output_uri) as connection:
+        return connection.sql(sql).to_arrow_table()
 
 
 # -- rows for exports and review ------------------------------------------------------------------------------
@@ -253,16 +261,10 @@ def labelled_rows(
     ``where`` is a SQL condition on ``labels``."""
     condition = "error IS NULL" + (f" AND ({where})" if where else "")
     order = "" if review is None else f" ORDER BY {REVIEW_ORDER} LIMIT {int(review)}"
-    import duckdb  # only the query side needs it
-
     require_output(output_uri)
-    connection = duckdb.connect()
-    try:
-        connection.register("labels", open_labels(output_uri))
+    with labels_connection(output_uri) as connection:
         reader = connection.sql(f"SELECT {', '.join(columns)} FROM labels WHERE {condition}{order}").to_arrow_reader(
             batch_size=64
         )
         for batch in reader:
             yield from batch.to_pylist()
-    finally:
-        connection.close()

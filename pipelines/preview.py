@@ -14,8 +14,6 @@ import colorsys
 import html
 import io
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +23,7 @@ from PIL import Image
 from . import storage
 from .images import decode_image
 from .masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
-from .output import REVIEW_ORDER, open_labels, parquet_files, read_manifest
+from .output import REVIEW_ORDER, labels_connection, parquet_files, read_manifest
 
 IMAGES_DIR = "images"
 MAX_IMAGE_SIDE = 384  # page images are thumbnails: originals may be many megapixels
@@ -145,19 +143,6 @@ class PreviewData:
     totals: list[ClassTotal] = field(default_factory=list)
 
 
-@contextmanager
-def _labels_connection(output_uri: str) -> Iterator[Any]:
-    """One DuckDB connection with the output registered as ``labels`` (the listing of s3:// happens once)."""
-    import duckdb  # only the query side needs it
-
-    connection = duckdb.connect()
-    try:
-        connection.register("labels", open_labels(output_uri))
-        yield connection
-    finally:
-        connection.close()
-
-
 def _safe_name(image_id: str) -> str:
     """File name for an image id (ids are hex hashes; anything else is replaced rather than trusted)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", image_id)[:80] or "image"
@@ -226,7 +211,7 @@ def collect_preview(
     if unlabelled is None:
         unlabelled = UNLABELLED_8BIT if len(names) <= UNLABELLED_8BIT else UNLABELLED_16BIT
     selection = f" AND ({where})" if where else ""
-    with _labels_connection(output_uri) as connection:
+    with labels_connection(output_uri) as connection:
         [(labelled_total, error_total)] = connection.sql(
             f"SELECT count(*) FILTER (error IS NULL), count(*) FILTER (error IS NOT NULL) FROM labels WHERE true"
             f"{selection}"
