@@ -65,13 +65,20 @@ def residual_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tens
     return out.view(x.shape)
 
 
+def guidance_share(layer: nn.Linear, guidance: torch.Tensor) -> torch.Tensor:
+    """The guidance's share of ``layer(concat(x, guidance))``: the guidance through the weight's last columns."""
+    return F.linear(guidance, layer.weight[:, layer.in_features - guidance.shape[-1] :])
+
+
+def linear_with_share(layer: nn.Linear, x: torch.Tensor, share: torch.Tensor | None) -> torch.Tensor:
+    """``layer(concat(x, guidance))`` given the guidance's :func:`guidance_share`, broadcastable against x."""
+    out = F.linear(x, layer.weight[:, : x.shape[-1]], layer.bias)
+    return out if share is None else out + share
+
+
 def guided_linear(layer: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     """``layer(concat(x, guidance))`` with ``guidance`` broadcastable against ``x`` in all but the last dim."""
-    width = x.shape[-1]
-    out = F.linear(x, layer.weight[:, :width], layer.bias)
-    if guidance is not None:
-        out = out + F.linear(guidance, layer.weight[:, width:])
-    return out
+    return linear_with_share(layer, x, None if guidance is None else guidance_share(layer, guidance))
 
 
 class WindowAttention(nn.Module):
@@ -86,10 +93,9 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def guidance_terms(self, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The guidance's share of q and k (``guided_linear`` without the x part), for windows of guidance
-        ... x nW x L x G: computed once per image and added to every class map's projections."""
-        width = self.v.in_features
-        return F.linear(guidance, self.q.weight[:, width:]), F.linear(guidance, self.k.weight[:, width:])
+        """The guidance's share of q and k (:func:`guidance_share`), for windows of guidance ... x nW x L x G:
+        computed once per image and added to every class map's projections."""
+        return guidance_share(self.q, guidance), guidance_share(self.k, guidance)
 
     def forward(
         self, x: torch.Tensor, guidance_terms: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
@@ -97,11 +103,8 @@ class WindowAttention(nn.Module):
         """x: ... x nW x L x D windows; guidance_terms (:meth:`guidance_terms`) broadcastable to x; mask: nW x L x L."""
         *lead, windows, length, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        q = F.linear(x, self.q.weight[:, :dim], self.q.bias)
-        k = F.linear(x, self.k.weight[:, :dim], self.k.bias)
-        if guidance_terms is not None:
-            q, k = q + guidance_terms[0], k + guidance_terms[1]
-        v = self.v(x)
+        q_share, k_share = guidance_terms if guidance_terms is not None else (None, None)
+        q, k, v = linear_with_share(self.q, x, q_share), linear_with_share(self.k, x, k_share), self.v(x)
         # 4-D calls take the fused attention kernels (a 5-D call falls back to the unfused math path on CPU,
         # ~3x slower). Unmasked: windows are the batch, heads a strided view (no copy). Masked: windows and
         # heads share one axis (N x nW*heads x L x d, one copy) so the nW x L x L mask broadcasts over N.
