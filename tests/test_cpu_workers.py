@@ -1,4 +1,5 @@
-"""CPU model workers start with the malloc settings that keep a worker thread's freed memory for the next call."""
+"""CPU model workers start with the malloc settings that keep a worker thread's freed memory for the next call, and
+the model actors run their UDF in the actor's main thread."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from pipelines.workers import (
     CPU_WORKER_MALLOC_ENV,
+    ModelActors,
     cpu_worker_env_vars,
     cpu_worker_remote_args,
     cpu_worker_runtime_env,
@@ -64,6 +66,38 @@ def test_cpu_model_actor_reuses_freed_memory_in_its_worker_thread(ray_cluster):
         assert ray.get(probe.page_faults_per_reuse_in_a_thread.remote()) < 0.02
     finally:
         ray.kill(probe)
+
+
+def _thread_probe_class() -> type:
+    class _ThreadProbe:
+        def __init__(self) -> None:
+            import threading
+
+            self.init_thread = threading.get_ident()
+
+        def __call__(self, batch: dict) -> dict:
+            import threading
+
+            rows = len(batch["id"])
+            batch["main_thread"] = [threading.current_thread() is threading.main_thread()] * rows
+            batch["init_thread"] = [threading.get_ident() == self.init_thread] * rows
+            return batch
+
+    return _ThreadProbe
+
+
+def test_model_actors_run_their_udf_in_the_actor_main_thread(ray_cluster):
+    """Where torch's OpenMP workers keep spinning between operations (benchmarks/README.md, pipeline overhead)."""
+    import ray
+
+    actors = ModelActors(num_gpus_per_actor=0.0, max_actors=1, cpus_per_actor=0.5)
+    rows = (
+        ray.data.range(8, override_num_blocks=2)
+        .map_batches(_thread_probe_class(), batch_size=4, **actors.map_batches_args())
+        .take_all()
+    )
+    assert len(rows) == 8
+    assert all(row["main_thread"] and row["init_thread"] for row in rows)
 
 
 def test_gpu_workers_get_no_malloc_settings():
