@@ -1,6 +1,6 @@
 """Predictor time in the main thread vs a worker thread, with glibc's default malloc and with the settings CPU
-model workers get (pipelines/workers.py). Ray Data runs UDFs, and Ray Train its training function, in a
-worker thread.
+model workers get (pipelines/workers.py). Ray Data runs UDFs in a worker thread unless told otherwise (our model
+actors are: pipelines/workers.py), and Ray Train its training function.
 
     python benchmarks/worker_thread.py --arch vit_b16 --repeats 3
 
@@ -53,11 +53,16 @@ def measure(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         predictor.predict_labels(image, names)
         after = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = time.perf_counter() - started
+        busy = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         out.append(
             {
-                "seconds": time.perf_counter() - started,
+                "seconds": seconds,
                 "system_seconds": after.ru_stime - before.ru_stime,
                 "page_faults": after.ru_minflt - before.ru_minflt,
+                "cores_busy": busy / seconds,
+                # torch's OpenMP workers that sleep between operations instead of spinning show up here
+                "voluntary_switches": after.ru_nvcsw - before.ru_nvcsw,
             }
         )
 
@@ -91,7 +96,8 @@ def main() -> None:
             times = ", ".join(f"{c['seconds']:.2f}" for c in calls)
             print(
                 f"{label:20s} {kind:6s}: {mean['seconds']:6.2f} s per call ({times}), "
-                f"{mean['system_seconds']:.2f} s system, {mean['page_faults']:,.0f} page faults"
+                f"{mean['system_seconds']:.2f} s system, {mean['page_faults']:,.0f} page faults, "
+                f"{mean['cores_busy']:.2f} cores busy, {mean['voluntary_switches']:,.0f} voluntary context switches"
             )
     for label in settings:
         print(f"{label}: worker thread / main thread = {means[label, 'thread'] / means[label, 'main']:.2f}")
