@@ -8,7 +8,8 @@ model does not depend on its weights). Without --input, --images random PNGs of 
 The pipeline figure is the wall time of the whole Ray Data run (read, decode, model, encode, write Parquet),
 including the model actor's start-up; the steady-state figure is the difference between that run and a run on
 the first quarter of the images (start-up cancels out); the bare figure is `Predictor.predict_labels_batch`
-over decoded images after one warm-up batch. Prints them in images/s and the ratios.
+over decoded images after one warm-up batch, timed before and after the pipeline (their mean is the figure,
+which cancels a steady drift of the machine's speed). Prints them in images/s and the ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def parse_args() -> argparse.Namespace:
         "--cpus-per-actor", type=float, help="default: all CPUs but 0.75 for the other stages (with a GPU: 2)"
     )
     parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16 (both loops)")
+    parser.add_argument(
+        "--no-bare-after",
+        dest="bare_after",
+        action="store_false",
+        help="time the bare loop only before the pipeline, not also after it",
+    )
     return parser.parse_args()
 
 
@@ -77,17 +84,20 @@ def main() -> None:
     # On a GPU the actor only feeds the device: the CPUs go to decoding and encoding
     cpus_per_actor = args.cpus_per_actor or (2.0 if torch.cuda.is_available() else max(1.0, cpus - 0.75))
 
-    # Bare loop: same images, decoded up front, same batch size and thread count as the actor.
+    # Bare loop: same images, decoded up front, same batch size and thread count as the actor. Its model and images
+    # are freed before the pipeline runs, so the driver holds nothing of them meanwhile.
     torch.set_num_threads(max(1, math.ceil(cpus_per_actor)))
-    predictor = catseg.Predictor(catseg.load_model(checkpoint), precision=args.precision)
-    images = [decode_image(storage.read_bytes(uri)) for uri in uris]
-    predictor.predict_labels_batch(images[: args.batch_size], list(vocabulary.names))  # warm-up, embeds classes
-    started = time.perf_counter()
-    for start in range(0, len(images), args.batch_size):
-        predictor.predict_labels_batch(images[start : start + args.batch_size], list(vocabulary.names))
-    bare_seconds = time.perf_counter() - started
-    device = str(predictor.device)
-    del predictor, images
+
+    def bare_loop() -> tuple[float, str]:
+        predictor = catseg.Predictor(catseg.load_model(checkpoint), precision=args.precision)
+        images = [decode_image(storage.read_bytes(uri)) for uri in uris]
+        predictor.predict_labels_batch(images[: args.batch_size], list(vocabulary.names))  # warm-up, embeds classes
+        started = time.perf_counter()
+        for start in range(0, len(images), args.batch_size):
+            predictor.predict_labels_batch(images[start : start + args.batch_size], list(vocabulary.names))
+        return time.perf_counter() - started, str(predictor.device)
+
+    bare_before, device = bare_loop()
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -112,6 +122,10 @@ def main() -> None:
     summary = label(None, "labels")
     ray.shutdown()
     steady = (summary.processed - short.processed) / (summary.seconds - short.seconds)
+    # The bare loop again after the pipeline: a machine whose speed drifts during the run (shared hosts drift by
+    # up to 10% here) biases a before-only comparison; the mean of the two brackets the pipeline's runs
+    bare_after = bare_loop()[0] if args.bare_after else None
+    bare_seconds = bare_before if bare_after is None else (bare_before + bare_after) / 2
 
     bare = len(uris) / bare_seconds
     pipeline = summary.images_per_second
@@ -123,7 +137,9 @@ def main() -> None:
         f"{summary.ok} ok, {summary.errors} errors)\n"
         f"pipeline, steady state:          {steady:.3f} images/s (the last {summary.processed - short.processed} "
         f"images: {summary.seconds:.1f} s for {summary.processed} minus {short.seconds:.1f} s for {short.processed})\n"
-        f"bare Predictor loop:             {bare:.3f} images/s ({bare_seconds:.1f} s, after a warm-up batch)\n"
+        f"bare Predictor loop:             {bare:.3f} images/s ({bare_seconds:.1f} s, after a warm-up batch"
+        + (f"; mean of {bare_before:.1f} s before and {bare_after:.1f} s after the pipeline" if bare_after else "")
+        + ")\n"
         f"ratio pipeline / bare:           {pipeline / bare:.2f} end to end, {steady / bare:.2f} steady state"
     )
 

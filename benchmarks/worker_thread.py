@@ -1,6 +1,6 @@
 """Predictor time in the main thread vs a worker thread, with glibc's default malloc and with the settings CPU
-model workers get (pipelines/workers.py). Ray Data runs UDFs in a worker thread unless told otherwise (our model
-actors are: pipelines/workers.py), and Ray Train its training function.
+model workers get (pipelines/workers.py). Ray Data runs actor UDFs in a worker thread unless told otherwise (our
+model actors are told: pipelines/workers.py); Ray Train runs its training function in one.
 
     python benchmarks/worker_thread.py --arch vit_b16 --repeats 3
 
