@@ -122,10 +122,11 @@ def main() -> None:
     summary = label(None, "labels")
     ray.shutdown()
     steady = (summary.processed - short.processed) / (summary.seconds - short.seconds)
-    # The bare loop again after the pipeline: a machine whose speed drifts during the run (shared hosts drift by
-    # up to 10% here) biases a before-only comparison; the mean of the two brackets the pipeline's runs
+    # The bare loop again after the pipeline: a machine whose speed drifts during the run (the 2-CPU development
+    # host drifted by up to 15%) biases a before-only comparison; the mean of the two brackets the pipeline's runs
     bare_after = bare_loop()[0] if args.bare_after else None
     bare_seconds = bare_before if bare_after is None else (bare_before + bare_after) / 2
+    bracket = "" if bare_after is None else f"; mean of {bare_before:.1f} s before and {bare_after:.1f} s after"
 
     bare = len(uris) / bare_seconds
     pipeline = summary.images_per_second
@@ -137,9 +138,7 @@ def main() -> None:
         f"{summary.ok} ok, {summary.errors} errors)\n"
         f"pipeline, steady state:          {steady:.3f} images/s (the last {summary.processed - short.processed} "
         f"images: {summary.seconds:.1f} s for {summary.processed} minus {short.seconds:.1f} s for {short.processed})\n"
-        f"bare Predictor loop:             {bare:.3f} images/s ({bare_seconds:.1f} s, after a warm-up batch"
-        + (f"; mean of {bare_before:.1f} s before and {bare_after:.1f} s after the pipeline" if bare_after else "")
-        + ")\n"
+        f"bare Predictor loop:             {bare:.3f} images/s ({bare_seconds:.1f} s, after a warm-up batch{bracket})\n"
         f"ratio pipeline / bare:           {pipeline / bare:.2f} end to end, {steady / bare:.2f} steady state"
     )
 

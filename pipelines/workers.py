@@ -113,11 +113,13 @@ class ModelActors:
         return max(1, math.ceil(self.cpus_per_actor))
 
     def map_batches_args(self) -> dict[str, Any]:
-        """compute, num_gpus, num_cpus and (CPU actors) the malloc runtime_env, for ``Dataset.map_batches``."""
+        """compute (the UDF in each actor's main thread), num_gpus, num_cpus and (CPU actors) the malloc
+        runtime_env, for ``Dataset.map_batches``."""
         return {
             # One call at a time per actor (Ray Data's default) and that call in the actor's main thread, not in
             # the extra thread Ray Data otherwise runs it in: there torch's OpenMP workers sleep between
-            # operations instead of spinning (8,000 wake-ups per image instead of 50), 5-15% slower on a CPU.
+            # operations instead of spinning (about 7,900 voluntary context switches per image against 470,
+            # 1.68 instead of 1.84 busy cores in a 2-CPU labelling run; benchmarks/README.md).
             "compute": ray.data.ActorPoolStrategy(
                 min_size=1, max_size=self.max_actors, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True
             ),
