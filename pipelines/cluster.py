@@ -8,9 +8,12 @@ as under ``ray job submit``) an autoscaler may add the node, so the job waits a 
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -18,6 +21,7 @@ import ray
 logger = logging.getLogger(__name__)
 
 # How long a job on a cluster waits for a node that can hold its workers (autoscalers take minutes).
+# The same bound applies mid-run, when the nodes that held the workers are lost (CapacityWatch).
 RESOURCE_WAIT_SECONDS = float(os.environ.get("CATSEG_RESOURCE_WAIT_SECONDS", "600"))
 _started_here = False  # this process started an embedded Ray (no autoscaler behind it)
 _initialized_here = False  # this process called ray.init (so it shuts Ray down again)
@@ -126,3 +130,89 @@ def one_line(err: BaseException, *, with_type: bool = True) -> str:
 
 def total_cpus() -> float:
     return sum(n.cpus for n in alive_nodes())
+
+
+class CapacityLostError(RuntimeError):
+    """Mid-run, no live node could hold the pipeline's workers for RESOURCE_WAIT_SECONDS (e.g. every GPU node lost)."""
+
+
+class CapacityWatch:
+    """Mid-run counterpart of :func:`require_node`: a driver thread that checks every few seconds that some live
+    node can hold one worker of ``cpus`` and ``gpus``. While none can it says so every minute (what it waits for,
+    for how long, and ``progress()``, e.g. the rows committed); after RESOURCE_WAIT_SECONDS it interrupts the main
+    thread (Ray Data would otherwise wait for the node forever), and :meth:`check` raises
+    :class:`CapacityLostError`. Nodes that exist but are busy count as capacity: Ray schedules onto them later.
+    """
+
+    POLL_SECONDS = 2.0
+    REPORT_SECONDS = 60.0
+
+    def __init__(self, what: str, cpus: float, gpus: float, progress: Callable[[], str] | None = None) -> None:
+        self.what, self.cpus, self.gpus = what, cpus, gpus
+        self.progress = progress
+        self.wait_seconds = RESOURCE_WAIT_SECONDS
+        self.expired: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _request(self) -> str:
+        return f"{self.cpus:g} CPU" + (f" and {self.gpus:g} GPU" if self.gpus else "")
+
+    def _has_capacity(self) -> bool:
+        return any(n.cpus >= self.cpus and n.gpus >= self.gpus for n in alive_nodes())
+
+    def _progress(self) -> str:
+        if self.progress is None:
+            return ""
+        try:
+            return f"; {self.progress()}"
+        except Exception as err:  # progress is a courtesy: storage trouble must not stop the watch
+            return f"; progress unknown ({one_line(err)})"
+
+    def _watch(self) -> None:
+        lost_since: float | None = None
+        reported = 0.0
+        while not self._stop.wait(self.POLL_SECONDS):
+            try:
+                capacity = self._has_capacity()
+            except Exception as err:  # the GCS restarting: not a verdict on the nodes
+                logger.warning("could not read the cluster's nodes: %s", err)
+                continue
+            now = time.monotonic()
+            if capacity:
+                if lost_since is not None:
+                    print(f"a node that can hold {self.what} is back after {now - lost_since:.0f} s", flush=True)
+                lost_since = None
+                continue
+            if lost_since is None:
+                lost_since, reported = now, now - self.REPORT_SECONDS  # say it at once, then every minute
+            waited = now - lost_since
+            if waited >= self.wait_seconds:
+                self.expired = (
+                    f"no live node could hold {self.what} ({self._request()}; nodes: {_describe(alive_nodes())}) "
+                    f"for {self.wait_seconds:g} s (CATSEG_RESOURCE_WAIT_SECONDS){self._progress()}"
+                )
+                print(f"stopping: {self.expired}", flush=True)
+                _thread.interrupt_main()
+                return
+            if now - reported >= self.REPORT_SECONDS:
+                reported = now
+                print(
+                    f"waiting for a node that can hold {self.what} ({self._request()}): none for {waited:.0f} s, "
+                    f"stopping after {self.wait_seconds:g} s{self._progress()}",
+                    flush=True,
+                )
+
+    def check(self) -> None:
+        if self.expired:
+            raise CapacityLostError(self.expired)
+
+    def __enter__(self) -> CapacityWatch:
+        self._thread = threading.Thread(target=self._watch, name="catseg-capacity", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -51,6 +51,7 @@ from .inputs import (
     plan_inputs,
     plan_root_uri,
 )
+from .lease import OutputLease
 from .masks import REVIEW_THRESHOLD, mask_dtype
 from .masks import unlabelled_value as unlabelled_value_for
 from .model_stage import InFlightImages, SegmentationModel
@@ -59,6 +60,7 @@ from .output import (
     OUTPUT_SCHEMA,
     OutputConflictError,
     arrow_filesystem,
+    committed_rows_named,
     data_uri,
     finish_run_manifest,
     read_manifest,
@@ -207,13 +209,19 @@ def label_images(
     blocks = sum(groups for _, groups in todo_files)
     fs, path = arrow_filesystem(data_uri(config.output_uri))
     context = ray.data.DataContext.get_current()
-    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_WRITE_ERRORS]))
+    import warnings
+
+    with warnings.catch_warnings():
+        # Ray 2.60 warns on any custom value that its matching will go from substrings to regexes; ours are plain
+        # words, the same pattern either way (tests/test_ray_api_usage.py checks), so that notice is not ours.
+        warnings.filterwarnings("ignore", "`retried_io_errors` using substring matching", DeprecationWarning)
+        context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_WRITE_ERRORS]))
     in_flight = InFlightImages.remote()  # counts model worker deaths per image (Ray Data retries them forever)
     (
         ray.data.read_datasource(
             TodoDatasource(plan_root_uri(config.output_uri), todo_files, block_rows, SOURCE_SCHEMA),
             override_num_blocks=blocks,
-            ray_remote_args={"num_cpus": READ_CPUS},  # a fraction of a CPU, like the other CPU stages
+            num_cpus=READ_CPUS,  # a fraction of a CPU, like the other CPU stages
         )
         .map_batches(read_image_bytes, batch_format="pyarrow", batch_size=min(IO_ROWS, block_rows), num_cpus=READ_CPUS)
         .map_batches(
@@ -255,7 +263,7 @@ def label_images(
             path,
             filesystem=fs,
             min_rows_per_file=config.rows_per_file,
-            ray_remote_args={"num_cpus": WRITE_CPUS},
+            ray_remote_args={"num_cpus": WRITE_CPUS},  # write_parquet's only way in Ray 2.60 (not deprecated there)
             schema=OUTPUT_SCHEMA,
             filename_provider=_AttemptFiles(attempt_id),
         )
@@ -323,23 +331,41 @@ def _no_inputs_error(config: LabelConfig, plan: InputPlan) -> NoInputsError:
     )
 
 
-def _remove_plan(output_uri: str, created: bool) -> None:
-    """A refused run leaves nothing behind: its plan, and the output folder when this run created it."""
+def _remove_plan(output_uri: str) -> None:
+    """A refused run leaves nothing behind: its plan (and, see :func:`_remove_empty_output`, the folder)."""
     fs, root = storage.filesystem(plan_root_uri(output_uri))
     if fs.exists(root):
         fs.rm(root, recursive=True)
-    _, output = storage.filesystem(output_uri)
-    if created and fs.isdir(output) and not fs.ls(output):
+
+
+def _remove_empty_output(output_uri: str) -> None:
+    """The output folder this run created, if the run left nothing in it (a refusal), lease released."""
+    fs, output = storage.filesystem(output_uri)
+    if fs.isdir(output) and not fs.ls(output):
         fs.rmdir(output)
 
 
 def run_labelling(config: LabelConfig) -> RunSummary:
     """Label every input image not yet in the output (and the error rows to retry); write the rows and the run
-    manifest; return a summary."""
+    manifest; return a summary. One attempt at a time per output (:class:`pipelines.lease.OutputLease`): a second
+    one is refused before it plans or writes anything."""
     # every check that needs no cluster first: a mistake costs seconds and writes nothing
     check_source(config.input_uri, config.manifest_uri, config.uri_column)
     created = not storage.exists(config.output_uri)
     storage.check_writable(config.output_uri)
+    lease = OutputLease(config.output_uri).acquire()
+    try:
+        return _run_holding_lease(config, lease)
+    except BaseException:
+        lease.check()  # the lease's thread interrupted the run: say that, not what the interruption broke
+        raise
+    finally:
+        lease.release()
+        if created:
+            _remove_empty_output(config.output_uri)
+
+
+def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
     run_id = config.resolved_run_id()
     existing = read_manifest(config.output_uri)
     _check_resumable(existing, config, run_id, config.output_uri)
@@ -364,7 +390,7 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     )
     planning_seconds = time.perf_counter() - planning_started
     if plan.inputs == 0 and config.limit != 0:
-        _remove_plan(config.output_uri, created)
+        _remove_plan(config.output_uri)
         raise _no_inputs_error(config, plan)
     manifest = start_run_manifest(existing, run_id, config.fingerprint(), config.describe(asdict(resources)))
     write_manifest(config.output_uri, manifest)  # written first: a crashed run is identifiable and resumable
@@ -372,9 +398,21 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     attempt_id = new_attempt_id()
     started = time.perf_counter()
     if plan.todo:
-        label_images(plan.todo_files, config, run_id, resources, attempt_id)
+        watch = cluster.CapacityWatch(
+            "a model actor",
+            resources.cpus_per_actor,
+            resources.num_gpus_per_actor,
+            progress=lambda: f"{committed_rows_named(config.output_uri, attempt_id)} rows committed by this attempt",
+        )
+        try:
+            with watch:
+                label_images(plan.todo_files, config, run_id, resources, attempt_id)
+        except BaseException:
+            watch.check()  # the watch stopped the run: say why, not what the interruption broke
+            raise
     seconds = time.perf_counter() - started
 
+    lease.check()  # an attempt that lost its lease leaves the manifest to the one that holds it
     written = count_attempt_rows(config.output_uri, attempt_id) if plan.todo else {}
     before = plan.committed
     ok = before.get("ok", 0) + written.get("ok", 0)

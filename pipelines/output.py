@@ -170,6 +170,21 @@ def is_committed(fs: Any, path: str) -> bool:
     return True
 
 
+def committed_rows_named(output_uri: str, name_prefix: str) -> int:
+    """Rows in the committed data files whose names start with ``name_prefix`` (one attempt's files), counted
+    on the calling process from their footers: it needs no free CPU on the cluster."""
+    fs, paths = data_files(output_uri)
+    rows = 0
+    for path in paths:
+        if posixpath.basename(path).startswith(name_prefix):
+            try:
+                with fs.open(path, "rb") as f:
+                    rows += pq.read_metadata(f).num_rows
+            except Exception:  # still being written
+                continue
+    return rows
+
+
 def parquet_files(output_uri: str) -> list[str]:
     """Paths (inside their filesystem) of the committed Parquet files under ``<output>/data``.
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
-from pipelines import storage
+from pipelines import cluster, storage
 from pipelines.checkpoints import (
     MODEL_DIR,
     load_training_state,
@@ -179,6 +179,18 @@ def _check_init_checkpoint(config: FinetuneConfig) -> None:
     config.init_checkpoint = source.uri
 
 
+# Ray Train gives a worker group this long to start (its own default), then counts a retryable controller failure
+WORKER_GROUP_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_WORKER_GROUP_START_TIMEOUT_S = 60.0
+
+
+def worker_group_start_attempts() -> int:
+    """Ray Train's ``controller_failure_limit`` for a bounded wait: a worker group that cannot start (its nodes
+    lost, none joining) is retried for about RESOURCE_WAIT_SECONDS, then the run stops, instead of forever."""
+    timeout = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_VARIABLE, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    return max(1, math.ceil(cluster.RESOURCE_WAIT_SECONDS / max(timeout, 1.0)))
+
+
 def run_finetuning(
     config: FinetuneConfig,
     datasets: tuple[SegmentationDataset, SegmentationDataset | None] | None = None,
@@ -211,7 +223,9 @@ def run_finetuning(
             name=config.run_name,
             # Ray Train writes through pyarrow, which reads the same AWS_* variables (endpoint too) as s3fs.
             storage_path=config.storage,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.max_failures, controller_failure_limit=worker_group_start_attempts()
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=callbacks,
             worker_runtime_env=cpu_worker_runtime_env(1 if config.use_gpu else 0),
