@@ -9,8 +9,9 @@
 
 The model stage is injectable: :func:`evaluate` takes a ``predictor_factory``, called once per actor, that
 returns a :data:`LabelPredictor` (images, class names -> label maps). :class:`CatSegPredictorFactory` is the real
-one; tests pass an oracle. A corrupt image or label becomes a counted error row; a label id outside the class
-list stops the run with :class:`pipelines.images.LabelIdError` (the benchmark or class file is wrong).
+one; tests pass an oracle. A corrupt image or label becomes a counted error row, and so does an image whose model
+worker died 3 times while it had it (as in labelling: Ray Data would retry it forever); a label id outside the
+class list stops the run with :class:`pipelines.images.LabelIdError` (the benchmark or class file is wrong).
 The metric is :mod:`pipelines.metrics` (detectron2's SemSegEvaluator, as CAT-Seg runs it).
 """
 
@@ -47,7 +48,7 @@ from pipelines.metrics import (
     confusion_matrix,
     encode_sparse_confusion,
 )
-from pipelines.model_stage import PredictorFactory, predict_each
+from pipelines.model_stage import InFlightImages, PredictorFactory, predict_counting_deaths
 from pipelines.stages import describe_error
 from pipelines.workers import ModelActors
 
@@ -71,7 +72,12 @@ RESULT_SCHEMA = pa.schema(
 
 
 class ConfusionStage:
-    """Actor: predicts each decoded image once and returns its confusion matrix against the label."""
+    """Actor: predicts each decoded image once and returns its confusion matrix against the label.
+
+    An image that kills its worker :data:`~pipelines.model_stage.MAX_WORKER_DEATHS` times (the record is the
+    ``in_flight`` :class:`~pipelines.model_stage.InFlightImages` actor; None: no record) becomes an error row,
+    counted as failed in the report like an image whose prediction raised.
+    """
 
     def __init__(
         self,
@@ -79,7 +85,9 @@ class ConfusionStage:
         vocabulary: Sequence[str],
         num_classes: int,
         background_from: int | None = None,
+        in_flight: Any = None,
     ) -> None:
+        self.in_flight = in_flight
         self.predict = predictor_factory()
         self.vocabulary = list(vocabulary)
         self.num_classes = num_classes
@@ -97,7 +105,14 @@ class ConfusionStage:
         def predict(batch_images: list[np.ndarray]) -> list[np.ndarray]:
             return self.predict(batch_images, self.vocabulary)
 
-        for i, prediction in zip(todo, predict_each(predict, images), strict=True):
+        # The (image, label) pair names an image across retries of its batch; the report lists its image_uri.
+        image_uris, label_uris = batch["image_uri"].to_pylist(), batch["label_uri"].to_pylist()
+        ids = [f"{image_uris[i]}\n{label_uris[i]}" for i in todo]
+        predictions = predict_counting_deaths(self.in_flight, predict, images, ids, task="evaluate")
+        for i, prediction in zip(todo, predictions, strict=True):
+            if isinstance(prediction, str):  # given up on after its worker died: the error says so
+                errors[i] = prediction
+                continue
             if isinstance(prediction, BaseException):
                 errors[i] = describe_error("model", prediction)
                 continue
@@ -162,6 +177,9 @@ def build_evaluation_dataset(
         pa.table({"image_uri": [p[0] for p in pairs[i : i + step]], "label_uri": [p[1] for p in pairs[i : i + step]]})
         for i in range(0, len(pairs), step)
     ]
+    # Counts model worker deaths per image: Ray Data restarts a dead actor and retries its batch forever. The
+    # dataset holds the handle (in the actors' constructor arguments), which keeps the actor alive while it runs.
+    in_flight = InFlightImages.remote()
     return (
         ray.data.from_arrow(blocks)
         .map_batches(
@@ -182,6 +200,7 @@ def build_evaluation_dataset(
                 "vocabulary": evaluation_set.vocabulary,
                 "num_classes": evaluation_set.num_classes,
                 "background_from": evaluation_set.background_from,
+                "in_flight": in_flight,
             },
             batch_size=step,
             batch_format="pyarrow",

@@ -1,5 +1,6 @@
 """The model stage of the labelling and evaluation pipelines: one way to load the model on an actor, one per-image
-fallback when a batch fails, and labelling's model UDF (:class:`SegmentationModel`).
+fallback when a batch fails, one record of the images that killed their worker (:func:`predict_counting_deaths`),
+and labelling's model UDF (:class:`SegmentationModel`).
 
 Evaluation's actors build their predictor through :class:`CatSegPredictorFactory`, which calls :func:`load_predictor`
 too, so both pipelines run the same Predictor settings (the Predictor's own class chunk).
@@ -101,11 +102,48 @@ class InFlightImages:
             self._starts.pop(image_id, None)
 
 
-def worker_died_error(deaths: int) -> str:
+def worker_died_error(deaths: int, task: str = "label") -> str:
+    """The error text of an image given up on; ``task`` is the pipeline's verb ("label", "evaluate")."""
     return (
-        f"model: the model worker died {deaths} times while labelling this image (killed for memory, crashed, or "
-        "its node was lost); re-run with more memory per model worker to label it"
+        f"model: the model worker died {deaths} times while it had this image to {task} (killed for memory, "
+        f"crashed, or its node was lost); re-run with more memory per model worker to {task} it"
     )
+
+
+def predict_counting_deaths(
+    in_flight: Any,
+    predict: Callable[[list[np.ndarray]], Sequence[Result]],
+    images: list[np.ndarray],
+    ids: list[str],
+    task: str = "label",
+) -> list[Result | BaseException | str]:
+    """:func:`predict_each`, recorded in ``in_flight`` (an :class:`InFlightImages` actor; None: no record).
+
+    ``ids`` name the images stably across retries of their batch. A batch that a dead worker held runs one image
+    at a time, and an image whose worker died :data:`MAX_WORKER_DEATHS` times comes back as its error text
+    (:func:`worker_died_error`) instead of being run again: Ray Data would retry it, and die, forever.
+    """
+    if in_flight is None or not images:
+        return predict_each(predict, images)
+    try:
+        deaths = ray.get(in_flight.begin_batch.remote(ids))
+    except ray.exceptions.RayError as err:  # the record is lost (its node died): predict without it
+        logger.warning("running the model without a record of model worker deaths: %s", err)
+        return predict_each(predict, images)
+    if not any(deaths):
+        results = predict_each(predict, images)
+        in_flight.finish.remote(ids)
+        return results
+    logger.warning("a model worker died while it held this batch: running its %d images one by one", len(ids))
+    results: list[Result | BaseException | str] = []
+    for image, image_id, died in zip(images, ids, deaths, strict=True):
+        if died >= MAX_WORKER_DEATHS:
+            results.append(worker_died_error(died, task))
+            continue
+        ray.get(in_flight.begin_one.remote(image_id))
+        results.extend(predict_each(predict, [image]))
+        ray.get(in_flight.finish.remote([image_id]))
+    return results
 
 
 class SegmentationModel:
@@ -159,7 +197,7 @@ class SegmentationModel:
             return self.predictor.predict_labels_batch(batch_images, self.class_names, runner_up=True)
 
         ids = [batch["image_id"][i].as_py() for i in todo]
-        for i, result in zip(todo, self._predict_counting_deaths(predict, images, ids), strict=True):
+        for i, result in zip(todo, predict_counting_deaths(self.in_flight, predict, images, ids), strict=True):
             if isinstance(result, str):
                 errors[i], kinds[i] = result, TRANSIENT
                 continue
@@ -189,33 +227,6 @@ class SegmentationModel:
             },
             schema=PREDICTED_SCHEMA,
         )
-
-    def _predict_counting_deaths(
-        self, predict: Callable[[list[np.ndarray]], Sequence[Result]], images: list[np.ndarray], ids: list[str]
-    ) -> list[Result | BaseException | str]:
-        """:func:`predict_each`, recorded in :class:`InFlightImages`: a batch that a dead worker held runs one
-        image at a time, and an image given up on comes back as its error text."""
-        if self.in_flight is None or not images:
-            return predict_each(predict, images)
-        try:
-            deaths = ray.get(self.in_flight.begin_batch.remote(ids))
-        except ray.exceptions.RayError as err:  # the record is lost (its node died): label without it
-            logger.warning("labelling without a record of model worker deaths: %s", err)
-            return predict_each(predict, images)
-        if not any(deaths):
-            results = predict_each(predict, images)
-            self.in_flight.finish.remote(ids)
-            return results
-        logger.warning("a model worker died while labelling this batch: labelling its %d images one by one", len(ids))
-        results: list[Result | BaseException | str] = []
-        for image, image_id, died in zip(images, ids, deaths, strict=True):
-            if died >= MAX_WORKER_DEATHS:
-                results.append(worker_died_error(died))
-                continue
-            ray.get(self.in_flight.begin_one.remote(image_id))
-            results.extend(predict_each(predict, [image]))
-            ray.get(self.in_flight.finish.remote([image_id]))
-        return results
 
 
 class CatSegPredictorFactory:

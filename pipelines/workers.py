@@ -33,6 +33,8 @@ from .datasets import LOAD_TASK_CPUS
 
 logger = logging.getLogger(__name__)
 
+GPU_MAP_WORKER_DEFAULT_CPUS = 1.0  # what Ray Data reserves for a map worker with GPUs that names no num_cpus
+
 
 CPU_WORKER_MALLOC_ENV: Mapping[str, str] = {
     "MALLOC_ARENA_MAX": "1",
@@ -113,8 +115,14 @@ class ModelActors:
         return max(1, math.ceil(self.cpus_per_actor))
 
     def map_batches_args(self) -> dict[str, Any]:
-        """compute (the UDF in each actor's main thread), num_gpus, num_cpus and (CPU actors) the malloc
-        runtime_env, for ``Dataset.map_batches``."""
+        """compute (the UDF in each actor's main thread), num_gpus, num_cpus (unnamed where Ray's default is the
+        same) and (CPU actors) the malloc runtime_env, for ``Dataset.map_batches``."""
+        resources: dict[str, float] = {"num_gpus": self.num_gpus_per_actor, "num_cpus": self.cpus_per_actor}
+        if self.num_gpus_per_actor and self.cpus_per_actor == GPU_MAP_WORKER_DEFAULT_CPUS:
+            # Ray Data calls num_cpus beside num_gpus "experimental" (a warning per run); left out, a GPU map worker
+            # reserves this same 1 CPU by Ray's own default. Other CPU counts must be named, warning or not: Ray has
+            # no other way to reserve CPUs (resources={"CPU": n} is refused).
+            del resources["num_cpus"]
         return {
             # One call at a time per actor (Ray Data's default) and that call in the actor's main thread, not in
             # the extra thread Ray Data otherwise runs it in: there torch's OpenMP workers sleep between
@@ -123,8 +131,7 @@ class ModelActors:
             "compute": ray.data.ActorPoolStrategy(
                 min_size=1, max_size=self.max_actors, max_concurrent_calls_per_actor=1, enable_true_multi_threading=True
             ),
-            "num_gpus": self.num_gpus_per_actor,
-            "num_cpus": self.cpus_per_actor,
+            **resources,
             **cpu_worker_remote_args(self.num_gpus_per_actor),
         }
 

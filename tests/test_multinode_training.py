@@ -1,0 +1,128 @@
+"""Fine-tuning on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and worker nodes on this machine)
+that loses a node: the run resumes from the last checkpoint Ray Train recorded and finishes.
+
+Two CPU training workers (logical GPUs cannot run NCCL), one per worker node: a worker node has 2 CPUs and a worker
+takes 1.5, so neither the head (1 CPU: the data pipeline's tasks) nor a node that already holds a worker can take a
+second one. Data and checkpoints live on the moto S3 server. The job runs as users run it: ``python -m
+jobs.finetune`` with RAY_ADDRESS pointing at the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from local_cluster import LocalCluster
+from synthetic_data import write_manifest
+
+import catseg
+from pipelines.checkpoints import list_checkpoints, resume_point
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "multinode"
+MAX_STEPS = 24
+CHECKPOINT_EVERY = 2
+NODE_CPUS = 2  # per worker node: one training worker (WORKER_CPUS) and nothing else that needs a whole CPU
+WORKER_CPUS = 1.5
+
+
+@pytest.fixture
+def local_cluster(s3_endpoint, tmp_path):
+    """The cluster is started after the S3 variables are set, so that every node's workers inherit them."""
+    cluster = LocalCluster(tmp_path / "nodes")
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def training_data(s3_endpoint, s3_bucket) -> tuple[str, str]:
+    # 3 classes, 6 pairs: 3 steps an epoch at 2 workers x 1 image (tests/test_finetune_job.py uses the same)
+    return write_manifest(f"s3://{s3_bucket}/data", {"train": 6}, fmt="csv", seed=2)
+
+
+def _finetune(cluster: LocalCluster, data: tuple[str, str], storage: str, log: Path, **env: str) -> subprocess.Popen:
+    manifest, classes = data
+    job_env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **env}  # fmt: skip
+    command = [
+        sys.executable, "-m", "jobs.finetune", "--data", manifest, "--layout", "manifest", "--classes", classes,
+        "--model", "tiny", "--storage", storage, "--run-name", RUN,
+        "--num-workers", "2", "--cpus-per-worker", str(WORKER_CPUS),
+        "--max-steps", str(MAX_STEPS), "--batch-size-per-worker", "1", "--crop-size", "64",
+        "--checkpoint-every", str(CHECKPOINT_EVERY), "--log-every", "2", "--eval-every", "0", "--lr", "1e-3",
+    ]  # fmt: skip
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads it while the test polls storage
+        return subprocess.Popen(
+            command, cwd=REPO, env=job_env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+
+
+def _finish(job: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    try:
+        job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(job)
+        raise AssertionError(f"the job did not finish in {timeout:g} s:\n{log.read_text()[-4000:]}") from None
+    return job.returncode, log.read_text()
+
+
+def _kill(job: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+
+def _wait_for_recorded_checkpoint(storage: str, job: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+    """The step of the first checkpoint that Ray Train has recorded (its checkpoint manager snapshot on storage
+    names it: what a restart resumes from), not merely one whose files have landed."""
+    deadline = time.monotonic() + timeout
+    while (point := resume_point(storage, RUN)) is None:
+        assert job.poll() is None, f"the job ended before a checkpoint was recorded:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint recorded in {timeout:g} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+    return point[0]
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_after_a_recorded_checkpoint_resumes_from_it(local_cluster, training_data, s3_bucket, tmp_path):
+    local_cluster.add_gpu_node(gpus=0, cpus=NODE_CPUS)
+    local_cluster.add_gpu_node(gpus=0, cpus=NODE_CPUS)
+    storage = f"s3://{s3_bucket}/runs"
+    log = tmp_path / "finetune.log"
+    started = time.monotonic()
+    job = _finetune(local_cluster, training_data, storage, log)
+    try:
+        recorded = _wait_for_recorded_checkpoint(storage, job, log)
+        assert 0 < recorded < MAX_STEPS, f"recorded step {recorded}: the run finished before a node could be lost"
+        local_cluster.remove_gpu_node(0)  # one training worker's node, without a drain
+        lost_at = time.monotonic()
+        time.sleep(5)
+        local_cluster.add_gpu_node(gpus=0, cpus=NODE_CPUS)
+        code, out = _finish(job, log, timeout=420)
+    finally:
+        if job.poll() is None:
+            _kill(job)
+    print(
+        f"checkpoint recorded at step {recorded} after {lost_at - started:.0f} s; node lost; "
+        f"finished {time.monotonic() - lost_at:.0f} s later"
+    )
+    assert code == 0, out[-4000:]
+    match = re.search(r"done: step (\d+) \(resumed from step (\d+)\)", out)
+    assert match, out[-4000:]
+    assert int(match.group(1)) == MAX_STEPS
+    resumed = int(match.group(2))
+    # the run resumed from the checkpoint recorded before the loss, or a later one recorded before the node died
+    assert recorded <= resumed < MAX_STEPS, (recorded, resumed, out[-4000:])
+    assert resumed % CHECKPOINT_EVERY == 0
+    final = re.search(r"final checkpoint: (\S+)", out).group(1)
+    assert final == f"{storage}/{RUN}/step_{MAX_STEPS:08d}/model"
+    assert resume_point(storage, RUN) == (MAX_STEPS, f"{storage}/{RUN}/step_{MAX_STEPS:08d}")
+    assert list_checkpoints(storage, RUN)[-1][0] == MAX_STEPS
+    assert catseg.load_model(final).config.name == "tiny"
