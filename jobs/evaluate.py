@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LabelIdError, cluster.UnschedulableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except cluster.CapacityLostError as err:
+        print(f"error: the evaluation stopped: {err}; run the same command again once a node is back", file=sys.stderr)
+        return 1
     finally:
         cluster.shutdown()
     print(format_table(result))

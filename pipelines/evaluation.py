@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -164,13 +164,18 @@ class EvaluationConfig:
             raise ValueError(f"CPUs per actor must be > 0, got {self.cpus_per_actor}")
 
 
+def plan_actors(config: EvaluationConfig) -> ModelActors:
+    return ModelActors.plan(config.num_gpus_per_actor, config.max_actors, config.cpus_per_actor, reserve_cpus=READ_CPUS)
+
+
 def build_evaluation_dataset(
-    evaluation_set: EvaluationSet, predictor_factory: PredictorFactory, config: EvaluationConfig
+    evaluation_set: EvaluationSet,
+    predictor_factory: PredictorFactory,
+    config: EvaluationConfig,
+    actors: ModelActors | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA)."""
-    actors = ModelActors.plan(
-        config.num_gpus_per_actor, config.max_actors, config.cpus_per_actor, reserve_cpus=READ_CPUS
-    )
+    """The lazy Ray Dataset of per-image result rows (RESULT_SCHEMA); ``actors`` from :func:`plan_actors`."""
+    actors = actors or plan_actors(config)
     pairs = evaluation_set.pairs
     step = config.batch_size
     blocks = [
@@ -307,12 +312,33 @@ def evaluate(
     _check_first_label(evaluation_set)
     cluster.connect()
     started = time.perf_counter()
-    dataset = build_evaluation_dataset(evaluation_set, predictor_factory, config)
-    confusion, evaluated, failed, pixels, errors = accumulate(
-        dataset.iter_batches(batch_format="pyarrow", batch_size=None),
-        evaluation_set.num_classes,
-        config.max_listed_errors,
+    actors = plan_actors(config)
+    dataset = build_evaluation_dataset(evaluation_set, predictor_factory, config, actors)
+    seen = 0
+
+    def counted(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        nonlocal seen
+        for batch in batches:
+            seen += batch.num_rows
+            yield batch
+
+    total = len(evaluation_set.pairs)
+    watch = cluster.CapacityWatch(
+        "a model actor",
+        actors.cpus_per_actor,
+        actors.num_gpus_per_actor,
+        progress=lambda: f"{seen} of {total} images done",
     )
+    try:
+        with watch:
+            confusion, evaluated, failed, pixels, errors = accumulate(
+                counted(dataset.iter_batches(batch_format="pyarrow", batch_size=None)),
+                evaluation_set.num_classes,
+                config.max_listed_errors,
+            )
+    except BaseException:
+        watch.check()  # the watch stopped the run: say why, not what the interruption broke
+        raise
     return EvaluationResult(
         benchmark=evaluation_set.benchmark,
         model=model_id,

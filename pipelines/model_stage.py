@@ -241,12 +241,15 @@ class CatSegPredictorFactory:
     ) -> None:
         self.model_uri = model_uri
         self.cpu_threads = cpu_threads
-        self.class_chunk = class_chunk or catseg.Predictor.DEFAULT_CLASS_CHUNK  # labelling's too
+        self.class_chunk = class_chunk  # None: the Predictor's default for the actor's device, as labelling runs
         self.precision = precision
 
     def settings(self) -> dict[str, Any]:
         """What the report records about how the model ran (results differ slightly across precisions)."""
-        return {"precision": self.precision, "class_chunk": self.class_chunk, "cpu_threads": self.cpu_threads}
+        chunk = self.class_chunk or (
+            f"{catseg.Predictor.CPU_CLASS_CHUNK} on CPU, {catseg.Predictor.DEFAULT_CLASS_CHUNK} on CUDA"
+        )
+        return {"precision": self.precision, "class_chunk": chunk, "cpu_threads": self.cpu_threads}
 
     def __call__(self) -> LabelPredictor:
         predictor = load_predictor(
