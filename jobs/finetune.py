@@ -109,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as err:
-        print(f"error: training failed: {err}", file=sys.stderr)
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # Ray's is multi-line
+        if isinstance(err, ray.train.ControllerError):  # the worker group could not start, again and again
+            reason += (
+                f" (workers that cannot start for about CATSEG_RESOURCE_WAIT_SECONDS = "
+                f"{cluster.RESOURCE_WAIT_SECONDS:g} s stop the run)"
+            )
+        print(
+            f"error: training failed: {reason}. The checkpoints Ray Train recorded are kept: re-running the same "
+            "command resumes from the last one",
+            file=sys.stderr,
+        )
         return 1
     finally:
         cluster.shutdown()

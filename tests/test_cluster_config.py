@@ -46,3 +46,18 @@ def test_validation_would_catch_a_broken_config():
     config["available_node_types"]["gpu_small"]["unknown_field"] = 1
     with pytest.raises(jsonschema.ValidationError):
         validate_config(config)
+
+
+def test_setup_commands_install_every_dependency_at_its_pinned_version():
+    """What the image lacks is installed on every node: the package's dependencies other than Ray and what Ray
+    itself brings, constrained to constraints.txt (a missing one, like pillow-heif once, breaks every job)."""
+    import re
+    import tomllib
+
+    commands = " ".join(_config()["setup_commands"])
+    assert "-c ~/catseg-ray/constraints.txt" in commands
+    project = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    from_ray = {"ray", "numpy", "pyarrow", "fsspec"}
+    installed = set(commands.lower().split())
+    assert sorted(names - from_ray - installed) == []

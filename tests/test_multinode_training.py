@@ -1,5 +1,6 @@
 """Fine-tuning on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and worker nodes on this machine)
-that loses a node: the run resumes from the last checkpoint Ray Train recorded and finishes.
+that loses a node: the run resumes from the last checkpoint Ray Train recorded and finishes; one that loses every
+worker node stops in bounded time (CATSEG_RESOURCE_WAIT_SECONDS through Ray Train's controller_failure_limit).
 
 Two CPU training workers (logical GPUs cannot run NCCL), one per worker node: a worker node has 2 CPUs and a worker
 takes 1.5, so neither the head (1 CPU: the data pipeline's tasks) nor a node that already holds a worker can take a
@@ -27,7 +28,7 @@ from pipelines.checkpoints import list_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "multinode"
-MAX_STEPS = 24
+MAX_STEPS = 16
 CHECKPOINT_EVERY = 2
 NODE_CPUS = 2  # per worker node: one training worker (WORKER_CPUS) and nothing else that needs a whole CPU
 WORKER_CPUS = 1.5
@@ -90,14 +91,19 @@ def _wait_for_recorded_checkpoint(storage: str, job: subprocess.Popen, log: Path
     return point[0]
 
 
-@pytest.mark.timeout(600)
-def test_a_node_lost_after_a_recorded_checkpoint_resumes_from_it(local_cluster, training_data, s3_bucket, tmp_path):
+def _start_on_two_nodes(local_cluster, training_data, s3_bucket: str, tmp_path: Path, **env: str):
+    """Two worker nodes (one training worker each), then the job: (job, storage URI, log path)."""
     local_cluster.add_gpu_node(gpus=0, cpus=NODE_CPUS)
     local_cluster.add_gpu_node(gpus=0, cpus=NODE_CPUS)
     storage = f"s3://{s3_bucket}/runs"
     log = tmp_path / "finetune.log"
+    return _finetune(local_cluster, training_data, storage, log, **env), storage, log
+
+
+@pytest.mark.timeout(600)
+def test_a_node_lost_after_a_recorded_checkpoint_resumes_from_it(local_cluster, training_data, s3_bucket, tmp_path):
     started = time.monotonic()
-    job = _finetune(local_cluster, training_data, storage, log)
+    job, storage, log = _start_on_two_nodes(local_cluster, training_data, s3_bucket, tmp_path)
     try:
         recorded = _wait_for_recorded_checkpoint(storage, job, log)
         assert 0 < recorded < MAX_STEPS, f"recorded step {recorded}: the run finished before a node could be lost"
@@ -109,13 +115,13 @@ def test_a_node_lost_after_a_recorded_checkpoint_resumes_from_it(local_cluster, 
     finally:
         if job.poll() is None:
             _kill(job)
-    print(
-        f"checkpoint recorded at step {recorded} after {lost_at - started:.0f} s; node lost; "
-        f"finished {time.monotonic() - lost_at:.0f} s later"
-    )
     assert code == 0, out[-4000:]
     match = re.search(r"done: step (\d+) \(resumed from step (\d+)\)", out)
     assert match, out[-4000:]
+    print(
+        f"checkpoint recorded at step {recorded} after {lost_at - started:.0f} s; node lost; finished "
+        f"{time.monotonic() - lost_at:.0f} s later, resumed from step {match.group(2)}"
+    )
     assert int(match.group(1)) == MAX_STEPS
     resumed = int(match.group(2))
     # the run resumed from the checkpoint recorded before the loss, or a later one recorded before the node died
@@ -126,3 +132,34 @@ def test_a_node_lost_after_a_recorded_checkpoint_resumes_from_it(local_cluster, 
     assert resume_point(storage, RUN) == (MAX_STEPS, f"{storage}/{RUN}/step_{MAX_STEPS:08d}")
     assert list_checkpoints(storage, RUN)[-1][0] == MAX_STEPS
     assert catseg.load_model(final).config.name == "tiny"
+
+
+@pytest.mark.timeout(600)
+def test_losing_every_worker_node_stops_in_bounded_time(local_cluster, training_data, s3_bucket, tmp_path):
+    wait, start_timeout = 30, 10
+    job, storage, log = _start_on_two_nodes(
+        local_cluster, training_data, s3_bucket, tmp_path,
+        CATSEG_RESOURCE_WAIT_SECONDS=str(wait), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(start_timeout),
+    )  # fmt: skip
+    try:
+        recorded = _wait_for_recorded_checkpoint(storage, job, log)
+        assert recorded < MAX_STEPS, f"recorded step {recorded}: the run finished before its nodes could be lost"
+        local_cluster.remove_gpu_node(0)
+        local_cluster.remove_gpu_node(0)
+        lost_at = time.monotonic()
+        code, out = _finish(job, log, timeout=300)
+        stopped_after = time.monotonic() - lost_at
+    finally:
+        if job.poll() is None:
+            _kill(job)
+    print(f"stopped {stopped_after:.0f} s after the last worker node was lost (bound: {wait} s)")
+    assert code == 1, out[-4000:]  # jobs.finetune's code for a run that failed (2: refused before starting)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out[-4000:]
+    assert errors[0].startswith("error: training failed:"), errors[0]
+    assert "CATSEG_RESOURCE_WAIT_SECONDS" in errors[0] and "re-running the same command resumes" in errors[0]
+    after = out.split(errors[0], 1)[1]  # Ray's multi-line reason is folded into that line, not continued below it
+    assert "worker group startup timed out" not in after.lower(), out[-3000:]
+    assert wait <= stopped_after < wait + 90, stopped_after
+    assert "done:" not in out
+    assert resume_point(storage, RUN)[0] >= recorded  # what was recorded stays: a re-run resumes from it
