@@ -238,7 +238,8 @@ class OutputLease:
                         f"attempt ({current.describe(now)}); wait for it to finish, or stop it: a lease is taken "
                         f"over after {current.stale_after:g} s without renewal (CATSEG_LEASE_STALE_SECONDS)"
                     )
-            self._take_over(current, time.time())
+            if not self._take_over(current, time.time()):
+                continue  # another attempt replaced the stale lease first: look again
         else:
             raise LeaseHeldError(f"could not take the lease {self.uri}: other attempts keep replacing it")
         self.holder = mine
@@ -281,7 +282,11 @@ class OutputLease:
     def _replaceable(current: Holder, now: float) -> bool:
         return now - current.renewed > current.stale_after or current.gone_from_this_host()
 
-    def _take_over(self, current: Holder | None, now: float) -> None:
+    def _take_over(self, current: Holder | None, now: float) -> bool:
+        """Delete the stale lease ``current``; False (nothing deleted) if it was replaced since it was read."""
+        latest = self._read_current()
+        if latest is not None and (current is None or latest.token != current.token):
+            return False
         why = "unreadable" if current is None else (
             "its process is gone" if current.gone_from_this_host()
             else f"not renewed for {now - current.renewed:.0f} s"
@@ -292,6 +297,7 @@ class OutputLease:
         print(message, flush=True)  # the job's own log says it, whatever the logging configuration
         self.took_over = current
         self._store.delete()
+        return True
 
     def _confirm(self) -> None:
         """Read the lease back: on a store without a conditional create, a racing attempt may have overwritten it."""
