@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 f" (workers that cannot start for about CATSEG_RESOURCE_WAIT_SECONDS = "
                 f"{cluster.RESOURCE_WAIT_SECONDS:g} s stop the run)"
             )
-        print(
-            f"error: training failed: {reason}. The checkpoints Ray Train recorded are kept: re-running the same "
-            "command resumes from the last one",
-            file=sys.stderr,
+        # one write, so that Ray's log lines, printed by another thread to the same stream, cannot split it
+        sys.stderr.write(
+            f"\nerror: training failed: {reason}. The checkpoints Ray Train recorded are kept: re-running the same "
+            "command resumes from the last one\n"
         )
         return 1
     finally:
