@@ -140,8 +140,9 @@ class CapacityWatch:
     """Mid-run counterpart of :func:`require_node`: a driver thread that checks every few seconds that some live
     node can hold one worker of ``cpus`` and ``gpus``. While none can it says so every minute (what it waits for,
     for how long, and ``progress()``, e.g. the rows committed); after RESOURCE_WAIT_SECONDS it interrupts the main
-    thread (Ray Data would otherwise wait for the node forever), and :meth:`check` raises
-    :class:`CapacityLostError`. Nodes that exist but are busy count as capacity: Ray schedules onto them later.
+    thread (Ray Data would otherwise wait for the node forever), and the ``with`` block ends in
+    :class:`CapacityLostError` (:meth:`check` raises it too). Nodes that exist but are busy count as capacity:
+    Ray schedules onto them later.
     """
 
     POLL_SECONDS = 2.0
@@ -212,7 +213,15 @@ class CapacityWatch:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        """Stops the watch; when the watch interrupted the run, the interruption leaves as CapacityLostError."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        try:
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+        except KeyboardInterrupt as interrupt:  # the watch's own interruption, arriving while it is joined
+            if not self.expired:
+                raise
+            exc = exc or interrupt
+        if exc is not None and self.expired:
+            raise CapacityLostError(self.expired) from exc

@@ -323,22 +323,17 @@ def evaluate(
             yield batch
 
     total = len(evaluation_set.pairs)
-    watch = cluster.CapacityWatch(
+    with cluster.CapacityWatch(  # lost capacity ends the block in CapacityLostError
         "a model actor",
         actors.cpus_per_actor,
         actors.num_gpus_per_actor,
         progress=lambda: f"{seen} of {total} images done",
-    )
-    try:
-        with watch:
-            confusion, evaluated, failed, pixels, errors = accumulate(
-                counted(dataset.iter_batches(batch_format="pyarrow", batch_size=None)),
-                evaluation_set.num_classes,
-                config.max_listed_errors,
-            )
-    except BaseException:
-        watch.check()  # the watch stopped the run: say why, not what the interruption broke
-        raise
+    ):
+        confusion, evaluated, failed, pixels, errors = accumulate(
+            counted(dataset.iter_batches(batch_format="pyarrow", batch_size=None)),
+            evaluation_set.num_classes,
+            config.max_listed_errors,
+        )
     return EvaluationResult(
         benchmark=evaluation_set.benchmark,
         model=model_id,

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -209,8 +210,6 @@ def label_images(
     blocks = sum(groups for _, groups in todo_files)
     fs, path = arrow_filesystem(data_uri(config.output_uri))
     context = ray.data.DataContext.get_current()
-    import warnings
-
     with warnings.catch_warnings():
         # Ray 2.60 warns on any custom value that its matching will go from substrings to regexes; ours are plain
         # words, the same pattern either way (tests/test_ray_api_usage.py checks), so that notice is not ours.
@@ -353,14 +352,10 @@ def run_labelling(config: LabelConfig) -> RunSummary:
     check_source(config.input_uri, config.manifest_uri, config.uri_column)
     created = not storage.exists(config.output_uri)
     storage.check_writable(config.output_uri)
-    lease = OutputLease(config.output_uri).acquire()
     try:
-        return _run_holding_lease(config, lease)
-    except BaseException:
-        lease.check()  # the lease's thread interrupted the run: say that, not what the interruption broke
-        raise
-    finally:
-        lease.release()
+        with OutputLease(config.output_uri) as lease:  # a lost lease ends the block in LeaseLostError
+            return _run_holding_lease(config, lease)
+    finally:  # after the release: the lease file is gone, so a refused run's folder is empty
         if created:
             _remove_empty_output(config.output_uri)
 
@@ -398,18 +393,13 @@ def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
     attempt_id = new_attempt_id()
     started = time.perf_counter()
     if plan.todo:
-        watch = cluster.CapacityWatch(
+        with cluster.CapacityWatch(  # lost capacity ends the block in CapacityLostError
             "a model actor",
             resources.cpus_per_actor,
             resources.num_gpus_per_actor,
             progress=lambda: f"{committed_rows_named(config.output_uri, attempt_id)} rows committed by this attempt",
-        )
-        try:
-            with watch:
-                label_images(plan.todo_files, config, run_id, resources, attempt_id)
-        except BaseException:
-            watch.check()  # the watch stopped the run: say why, not what the interruption broke
-            raise
+        ):
+            label_images(plan.todo_files, config, run_id, resources, attempt_id)
     seconds = time.perf_counter() - started
 
     lease.check()  # an attempt that lost its lease leaves the manifest to the one that holds it

@@ -26,7 +26,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -367,5 +366,13 @@ class OutputLease:
     def __enter__(self) -> OutputLease:
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        """Releases the lease; when its loss interrupted the run, the interruption leaves as LeaseLostError."""
+        try:
+            self.release()
+        except KeyboardInterrupt as interrupt:  # the renewal thread's interruption, arriving while it is joined
+            if not self.lost:
+                raise
+            exc = exc or interrupt
+        if exc is not None and self.lost:
+            self.check()

@@ -77,6 +77,17 @@ def s3_bucket(s3_endpoint, request):
     yield name
 
 
+@pytest.fixture
+def local_cluster(s3_endpoint, tmp_path):
+    """A multi-node Ray cluster on this machine (tests/local_cluster.py), started after the S3 variables are set
+    so that every node's workers inherit them."""
+    from local_cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "nodes")
+    yield cluster
+    cluster.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny architecture with random weights (fixed seed), in eval mode. Do not modify it in tests."""

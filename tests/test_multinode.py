@@ -27,14 +27,6 @@ IMAGES = 24
 
 
 @pytest.fixture
-def local_cluster(s3_endpoint, tmp_path):
-    """The cluster is started after the S3 variables are set, so that every node's workers inherit them."""
-    cluster = LocalCluster(tmp_path / "nodes")
-    yield cluster
-    cluster.shutdown()
-
-
-@pytest.fixture
 def images_on_s3(s3_endpoint, s3_bucket) -> str:
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     files = {

@@ -35,14 +35,6 @@ WORKER_CPUS = 1.5
 
 
 @pytest.fixture
-def local_cluster(s3_endpoint, tmp_path):
-    """The cluster is started after the S3 variables are set, so that every node's workers inherit them."""
-    cluster = LocalCluster(tmp_path / "nodes")
-    yield cluster
-    cluster.shutdown()
-
-
-@pytest.fixture
 def training_data(s3_endpoint, s3_bucket) -> tuple[str, str]:
     # 3 classes, 6 pairs: 3 steps an epoch at 2 workers x 1 image (tests/test_finetune_job.py uses the same)
     return write_manifest(f"s3://{s3_bucket}/data", {"train": 6}, fmt="csv", seed=2)
