@@ -23,7 +23,7 @@ MEASURE = textwrap.dedent(
     """
     import json, sys, time
     import datasets, label_studio_sdk.converter.brush, pycocotools.mask  # imports before the baseline
-    from pipelines.exports import export
+    from pipelines.labelling.exports import export
 
     def rss_mib(field):
         with open("/proc/self/status") as f:
@@ -45,8 +45,9 @@ def write_run(output: Path, rows: int, height: int, width: int, classes: int) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.output import write_manifest
-    from pipelines.stages import PREDICTED_SCHEMA, encode_predictions
+    from pipelines.labelling import LabelOutput
+    from pipelines.labelling.stages import encode_predictions
+    from pipelines.model_stage import PREDICTED_SCHEMA
 
     names = [f"class {i}" for i in range(classes)]
     rng = np.random.default_rng(0)
@@ -76,7 +77,7 @@ def write_run(output: Path, rows: int, height: int, width: int, classes: int) ->
         )
         out = encode_predictions(table, class_names=names, run_id="bench", model_id="bench-model", vocab_id="v")
         pq.write_table(out, output / "data" / f"part-{part:05d}.parquet")
-    write_manifest(str(output), {"run_id": "bench", "vocabulary": {"names": names}, "model": {"id": "bench-model"},
+    LabelOutput(str(output)).write_manifest({"run_id": "bench", "vocabulary": {"names": names}, "model": {"id": "bench-model"},
                                  "config": {"unlabelled_value": 255}})  # fmt: skip
 
 

@@ -61,10 +61,9 @@ def main() -> None:
     import ray
 
     import catseg
-    from pipelines.inputs import plan_inputs
-    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.labelling import LabelConfig, LabelOutput, OutputConflictError, run_labelling
+    from pipelines.labelling.plan import plan_inputs
     from pipelines.models import resolve_model
-    from pipelines.output import OutputConflictError
     from pipelines.vocabulary import load_vocabulary
 
     work = Path(tempfile.mkdtemp(prefix="lake-scale-"))
@@ -83,7 +82,7 @@ def main() -> None:
 
         base = sampler.reset()
         started = time.perf_counter()
-        plan = plan_inputs(output_uri=str(work / f"plan-{size}"), run_id="r", input_uri=None,
+        plan = plan_inputs(output=LabelOutput(str(work / f"plan-{size}")), run_id="r", input_uri=None,
                            manifest_uri=str(manifest), uri_column="uri", limit=None, retry_errors="transient",
                            conflict=OutputConflictError)  # fmt: skip
         planning = time.perf_counter() - started

@@ -28,10 +28,11 @@ import ray
 import ray.train
 from PIL import Image
 
-from pipelines.augment import augment
-from pipelines.datasets import COCO_STUFF_CLASSES, decode_training_label
 from pipelines.images import decode_image
-from pipelines.training import FinetuneConfig, run_finetuning
+from pipelines.training.augment import augment
+from pipelines.training.datasets import decode_training_label
+from pipelines.training.run import FinetuneConfig, run_finetuning
+from pipelines.training.sources import COCO_STUFF_CLASSES
 
 
 def write_synthetic_manifest(folder: str, count: int, num_classes: int, seed: int = 0) -> tuple[str, str]:

@@ -16,8 +16,7 @@ import math
 import sys
 
 from jobs.options import add_model_actor_options, add_model_options
-from pipelines.evaluation import EvaluationConfig
-from pipelines.evaluation_sets import BENCHMARKS
+from pipelines.evaluation import BENCHMARKS, EvaluationConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,14 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from pipelines import cluster, storage
-    from pipelines.evaluation import (
-        EvaluationConfig,
-        evaluate,
-        format_table,
-        headline,
-        write_report,
-    )
-    from pipelines.evaluation_sets import load_benchmark
+    from pipelines.evaluation import evaluate, format_table, headline, load_benchmark, write_report
     from pipelines.images import LabelIdError
     from pipelines.model_stage import CatSegPredictorFactory
     from pipelines.models import resolve_model

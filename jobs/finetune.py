@@ -16,9 +16,7 @@ import sys
 from typing import Any
 
 from pipelines import cluster
-from pipelines.checkpoints import checkpoint_uri, resume_point
-from pipelines.datasets import LAYOUTS
-from pipelines.training import FinetuneConfig, check_inputs, run_finetuning
+from pipelines.training import LAYOUTS, FinetuneConfig, check_inputs, checkpoint_uri, resume_point, run_finetuning
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
 

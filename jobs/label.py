@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines import cluster
     from pipelines.cluster import UnschedulableError, one_line
-    from pipelines.labelling import run_labelling
+    from pipelines.labelling import OutputConflictError, run_labelling
     from pipelines.models import resolve_model
-    from pipelines.output import OutputConflictError
     from pipelines.vocabulary import load_vocabulary
 
     try:

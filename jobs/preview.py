@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.preview import render_preview
+    from pipelines.labelling import render_preview
 
     try:
         index = render_preview(args.output, args.to, n=args.n, where=args.where, order=args.order)

@@ -66,26 +66,21 @@ def _print_table(table, fmt: str, max_rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.output import query_labels, require_output, review_queue
+    from pipelines.labelling import LabelOutput, export, query_labels, review_queue
 
     try:
-        require_output(args.output)  # before anything is exported: a typo must not read as zero rows
+        output = LabelOutput.existing(args.output)  # before anything is exported: a typo must not read as zero rows
         if args.sql or (args.review and not args.export):
-            if args.sql:
-                table = query_labels(args.output, args.sql)
-            else:
-                table = review_queue(args.output, args.review, where=args.where)
+            table = query_labels(output, args.sql) if args.sql else review_queue(output, args.review, where=args.where)
             try:
                 _print_table(table, args.format, args.max_rows)
             except ImportError:  # no polars: plain pyarrow rendering
                 print(table.slice(0, args.max_rows).to_string(preview_cols=20))
             return 0
-        from pipelines.exports import export
-
         options = {"where": args.where, "review": args.review}
         if args.export == "hf":
             options["embed_images"] = args.embed_images
-        result = export(args.export, args.output, args.to, **options)
+        result = export(args.export, output, args.to, **options)
         notes = "".join(f"; {note}" for note in result.notes)
         print(f"exported {result.images} images to {args.to} ({args.export}){notes}")
         return 0

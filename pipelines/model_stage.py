@@ -17,11 +17,27 @@ import pyarrow as pa
 import ray
 
 import catseg
-
-from .masks import REVIEW_COLUMNS, REVIEW_THRESHOLD, mask_dtype, review_signals
-from .stages import PERMANENT, PREDICTED_SCHEMA, TRANSIENT, column_or_nulls, describe_error, error_kind
+from pipelines.masks import REVIEW_COLUMNS, REVIEW_THRESHOLD, mask_dtype, review_signals
+from pipelines.row_errors import PERMANENT, TRANSIENT, column_or_nulls, describe_error, error_kind
 
 logger = logging.getLogger(__name__)
+
+# labelling's model stage output: a label map per image, or the row's error
+PREDICTED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
+        ("confidence", pa.large_binary()),  # H x W float32 max probability
+        ("mean_confidence", pa.float64()),  # the review signals (masks.review_signals)
+        ("low_confidence_fraction", pa.float64()),
+        ("mean_margin", pa.float64()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+    ]
+)
 
 MAX_WORKER_DEATHS = 3  # per image: once in its batch, then twice alone; then it becomes a transient error row
 

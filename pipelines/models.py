@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import storage
+from pipelines import storage
 
-# A fine-tuning run writes RUN/step_NNNNNNNN/model/ (pipelines.checkpoints)
+# A fine-tuning run writes RUN/step_NNNNNNNN/model/ (pipelines.training.checkpoints)
 CHECKPOINT_PREFIX = "step_"
 MODEL_DIR = "model"
 STEP_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")

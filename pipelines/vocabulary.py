@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catseg import validate_vocabulary
-
-from . import storage
+from pipelines import storage
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # A class name is a few words; anything longer is most likely a caption or a file passed by mistake.

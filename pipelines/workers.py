@@ -28,8 +28,7 @@ from typing import Any
 
 import ray
 
-from . import cluster
-from .datasets import LOAD_TASK_CPUS
+from pipelines import cluster
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,9 @@ class ModelActors:
         }
 
 
-# Fine-tuning: the data pipeline needs room for at least one of its load tasks
+# Fine-tuning: each read/decode/augment task of the data pipeline (pipelines.training.datasets) takes this many
+# CPUs, and the workers must leave room for at least one of them
+LOAD_TASK_CPUS = 1.0
 DATA_PIPELINE_CPUS = LOAD_TASK_CPUS
 MIN_WORKER_CPUS = 0.1  # below this a worker's torch threads would crawl
 

@@ -65,7 +65,7 @@ def label_on_s3(s3_endpoint: str, bucket: str, files: dict[str, bytes], classes:
     cluster (batches of 3, a CPU actor of half a CPU); returns the output URI."""
     import boto3
 
-    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.labelling.run import LabelConfig, run_labelling
     from pipelines.models import resolve_model
     from pipelines.vocabulary import load_vocabulary
 

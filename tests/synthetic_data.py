@@ -1,6 +1,6 @@
 """Synthetic segmentation data for the dataset and training tests: big solid-colour shapes, one class each.
 
-Written to any URI (moto S3 in the tests) in the three layouts pipelines.datasets reads.
+Written to any URI (moto S3 in the tests) in the three layouts pipelines.training.datasets reads.
 """
 
 from __future__ import annotations

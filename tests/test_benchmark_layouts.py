@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines import storage
-from pipelines.evaluation_sets import BENCHMARK_LIMIT, LAYOUTS, builtin_class_names, load_benchmark, read_pair
+from pipelines.evaluation.sets import BENCHMARK_LIMIT, LAYOUTS, builtin_class_names, load_benchmark, read_pair
 from pipelines.images import IGNORE_ID, LabelIdError, check_label_ids, decode_label
 
 SIZE = (24, 32)  # H x W of every miniature image

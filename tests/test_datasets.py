@@ -20,24 +20,18 @@ from synthetic_data import (
 )
 
 from pipelines import storage
-from pipelines.augment import augment
-from pipelines.datasets import (
+from pipelines.pairs import IGNORE_INDEX, SegmentationDataset, manifest_dataset, read_class_names
+from pipelines.training.augment import augment
+from pipelines.training.datasets import MismatchedPairError, decode_training_label, load_training_batch, read_example
+from pipelines.training.sources import (
     ADE20K_CLASSES,
     COCO_STUFF_CLASSES,
-    IGNORE_INDEX,
-    MismatchedPairError,
-    SegmentationDataset,
     ade20k_dataset,
     check_dataset_label_ids,
     check_files_exist,
     cocostuff_dataset,
-    decode_training_label,
     holdout_split,
     load_dataset,
-    load_training_batch,
-    manifest_dataset,
-    read_class_names,
-    read_example,
 )
 
 

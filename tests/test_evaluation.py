@@ -18,8 +18,7 @@ from PIL import Image
 
 from jobs import evaluate as evaluate_cli
 from pipelines import storage
-from pipelines.evaluation import EvaluationConfig, evaluate, write_report
-from pipelines.evaluation_sets import load_benchmark
+from pipelines.evaluation import EvaluationConfig, evaluate, load_benchmark, write_report
 
 # The oracle classes below travel to Ray workers by value: workers cannot import this test module by name.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.evaluation_sets import map_background
+from pipelines.evaluation.sets import map_background
 from pipelines.images import IGNORE_ID
 from pipelines.metrics import (
     add_sparse_confusion,

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.evaluation import (
+from pipelines.evaluation.run import (
     ConfusionStage,
     EvaluationConfig,
     accumulate,
     evaluate,
 )
-from pipelines.evaluation_sets import load_benchmark, read_pairs
+from pipelines.evaluation.sets import load_benchmark, read_pairs
 from pipelines.images import LabelIdError
 from pipelines.metrics import compute_metrics
 from pipelines.models import resolve_checkpoint

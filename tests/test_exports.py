@@ -19,9 +19,10 @@ from PIL import Image
 
 from jobs import preview as preview_cli
 from jobs import query as query_cli
+from pipelines.labelling import LabelOutput, open_labels
+from pipelines.labelling.stages import encode_predictions
 from pipelines.masks import decode_mask_png
-from pipelines.output import open_labels, write_manifest
-from pipelines.stages import PREDICTED_SCHEMA, encode_predictions
+from pipelines.model_stage import PREDICTED_SCHEMA
 
 CLASSES = ["cat", "dog", "sky"]
 WIDE = [f"thing {i}" for i in range(300)]
@@ -80,8 +81,7 @@ def wide(tmp_path_factory):
     output = root / "out"
     (output / "data").mkdir(parents=True)
     pq.write_table(rows, output / "data" / "part-0.parquet")
-    write_manifest(
-        str(output),
+    LabelOutput(str(output)).write_manifest(
         {"run_id": "wide-run", "vocabulary": {"names": WIDE}, "model": {"id": "tiny-model"},
          "config": {"unlabelled_value": 65535, "mask_bits": 16}},
     )  # fmt: skip

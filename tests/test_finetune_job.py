@@ -15,7 +15,7 @@ import pytest
 from synthetic_data import write_manifest
 
 import catseg
-from pipelines.checkpoints import resume_point
+from pipelines.training.checkpoints import resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12

@@ -151,22 +151,22 @@ def test_finetune_with_default_cpu_options_finishes_on_an_embedded_ray(tmp_path)
 
 
 def test_stalled_data_is_reported(caplog):
-    from pipelines.training import warn_when_stalled
+    from pipelines.training.run import warn_when_stalled
 
     def slow():
         yield 1
         time.sleep(1.5)
         yield 2
 
-    with caplog.at_level("WARNING", logger="pipelines.training"):
+    with caplog.at_level("WARNING", logger="pipelines.training.run"):
         assert list(warn_when_stalled(slow(), 0.5, "rank 0")) == [1, 2]
     assert any("no training batch for" in record.getMessage() for record in caplog.records)
 
 
 def test_a_slow_consumer_is_not_a_stall(caplog):
-    from pipelines.training import warn_when_stalled
+    from pipelines.training.run import warn_when_stalled
 
-    with caplog.at_level("WARNING", logger="pipelines.training"):
+    with caplog.at_level("WARNING", logger="pipelines.training.run"):
         for _ in warn_when_stalled(iter([1, 2]), 0.3, "rank 0"):
             time.sleep(0.8)  # the training step: the iterator is not being waited on
     assert not caplog.records
@@ -174,9 +174,8 @@ def test_a_slow_consumer_is_not_a_stall(caplog):
 
 def test_non_utf8_file_name_becomes_an_error_row_and_its_neighbours_are_labelled(ray_cluster, tiny_checkpoint,
                                                                                   tmp_path, photos):  # fmt: skip
-    from pipelines.labelling import LabelConfig, run_labelling
+    from pipelines.labelling import LabelConfig, open_labels, run_labelling
     from pipelines.models import resolve_model
-    from pipelines.output import open_labels
     from pipelines.vocabulary import load_vocabulary
 
     folder = tmp_path / "in"

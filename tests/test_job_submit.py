@@ -26,7 +26,7 @@ from conftest import S3_ENV_VARIABLES  # the variables the s3_endpoint fixture s
 from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
-from pipelines.output import open_labels, read_manifest
+from pipelines.labelling import LabelOutput, open_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the head runs from this venv, so job drivers find its packages
@@ -204,4 +204,4 @@ def test_labelling_job_submitted_to_a_cluster_writes_one_row_per_image(ray_head,
     table = open_labels(output).to_table(columns=["source_uri", "error", "mask_png"])
     assert sorted(table["source_uri"].to_pylist()) == sorted(f"s3://{s3_bucket}/images/{name}" for name in images)
     assert table["error"].null_count == len(images) and table["mask_png"].null_count == 0
-    assert read_manifest(output)["vocabulary"]["names"] == ["a", "b"]
+    assert LabelOutput(output).read_manifest()["vocabulary"]["names"] == ["a", "b"]

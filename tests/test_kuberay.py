@@ -176,7 +176,7 @@ def test_every_container_runs_the_pinned_ray_image_of_cluster_yaml(name: str) ->
 
 
 def test_label_entrypoint_is_jobs_label_with_flags_it_accepts() -> None:
-    from pipelines.labelling import LabelConfig
+    from pipelines.labelling.run import LabelConfig
     from pipelines.vocabulary import load_vocabulary
 
     manifest = _manifest("label")

@@ -15,12 +15,19 @@ import pytest
 import torch
 from labelling_samples import bad_images, good_images, upload
 
-from pipelines.labelling import LabelConfig, image_id_for, run_labelling
+from pipelines.labelling import (
+    OUTPUT_SCHEMA,
+    LabelConfig,
+    LabelOutput,
+    OutputConflictError,
+    image_id_for,
+    open_labels,
+    run_labelling,
+)
+from pipelines.labelling.stages import decode_images, read_image_bytes
 from pipelines.masks import decode_confidence_png, decode_mask_png
 from pipelines.model_stage import SegmentationModel
 from pipelines.models import resolve_model
-from pipelines.output import OUTPUT_SCHEMA, OutputConflictError, open_labels, read_manifest
-from pipelines.stages import decode_images, read_image_bytes
 from pipelines.storage import filesystem
 from pipelines.vocabulary import load_vocabulary
 
@@ -137,7 +144,7 @@ def test_output_is_readable_by_polars_and_pyarrow_dataset(mixed_run, s3_endpoint
 
 
 def test_run_manifest_records_vocabulary_model_config_and_counts(mixed_run):
-    manifest = read_manifest(mixed_run["config"].output_uri)
+    manifest = LabelOutput(mixed_run["config"].output_uri).read_manifest()
     assert manifest["status"] == "complete"
     assert manifest["run_id"] == mixed_run["summary"].run_id
     assert manifest["vocabulary"]["names"] == VOCAB.split(",")

@@ -44,7 +44,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
 
 def test_precision_is_checked_and_changes_the_run_id_only_when_set(tmp_path, tiny_checkpoint):
     import catseg
-    from pipelines.labelling import LabelConfig
+    from pipelines.labelling.run import LabelConfig
     from pipelines.vocabulary import load_vocabulary
 
     assert set(catseg.PRECISIONS) == set(catseg.predictor.AUTOCAST_DTYPES)

@@ -18,8 +18,7 @@ import s3fs
 from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
-from pipelines.labelling import image_id_for
-from pipelines.output import open_labels, read_manifest
+from pipelines.labelling import LabelOutput, image_id_for, open_labels
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 12
@@ -106,7 +105,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(s3_endpoint, s3_bucke
     committed = _settled_files(fs, f"{s3_bucket}/labels/data")
     rows_before = sum(pq.ParquetFile(fs.open(p)).metadata.num_rows for p in committed)
     assert 2 <= rows_before < IMAGES, "the job was not killed mid-run"
-    manifest = read_manifest(output)
+    manifest = LabelOutput(output).read_manifest()
     assert manifest["status"] == "running"  # the killed attempt never finished
 
     # A writer killed mid-file on a local disk leaves a file without a footer: simulate one in the output.
@@ -123,7 +122,7 @@ def test_killed_job_resumes_with_exactly_one_row_per_image(s3_endpoint, s3_bucke
     table = open_labels(output).to_table(columns=["image_id", "source_uri", "error"])
     assert sorted(table["image_id"].to_pylist()) == sorted(image_id_for(u) for u in uris)  # each exactly once
     assert table["error"].null_count == IMAGES
-    manifest = read_manifest(output)
+    manifest = LabelOutput(output).read_manifest()
     assert manifest["status"] == "complete" and manifest["counts"]["ok"] == IMAGES
     assert [a["processed"] for a in manifest["attempts"]] == [IMAGES - rows_before]
     assert np.isclose(sum(a["skipped"] for a in manifest["attempts"]), rows_before)

@@ -11,6 +11,7 @@ from labelling_samples import bad_images, encode_image, good_images
 from PIL import Image
 
 from pipelines.images import ImageDecodeError, decode_image
+from pipelines.labelling.stages import DECODED_SCHEMA, decode_images, encode_predictions
 from pipelines.masks import (
     class_statistics,
     decode_confidence_png,
@@ -19,7 +20,7 @@ from pipelines.masks import (
     mask_dtype,
     unlabelled_value,
 )
-from pipelines.stages import DECODED_SCHEMA, PREDICTED_SCHEMA, decode_images, encode_predictions
+from pipelines.model_stage import PREDICTED_SCHEMA
 from pipelines.workers import actor_resources
 
 

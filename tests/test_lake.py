@@ -21,10 +21,9 @@ from fault_proxy import FaultPolicy, FaultProxy
 from labelling_samples import bad_images, encode_image, good_images, noise_array, upload
 from PIL import Image
 
-from pipelines.inputs import TODO_ROWS_PER_FILE, image_id_for, plan_inputs
-from pipelines.labelling import LabelConfig, run_labelling
+from pipelines.labelling import LabelConfig, LabelOutput, OutputConflictError, image_id_for, run_labelling
+from pipelines.labelling.plan import TODO_ROWS_PER_FILE, plan_inputs
 from pipelines.models import resolve_model
-from pipelines.output import OutputConflictError
 from pipelines.vocabulary import load_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +117,7 @@ def test_a_manifest_of_20k_missing_objects_is_planned_without_per_image_driver_m
     for count in (2_000, 20_000):
         output = tmp_path / f"plan-{count}"
         tracemalloc.start()
-        plan = plan_inputs(output_uri=str(output), run_id="r", input_uri=None, manifest_uri=manifest(count),
+        plan = plan_inputs(output=LabelOutput(str(output)), run_id="r", input_uri=None, manifest_uri=manifest(count),
                            uri_column="uri", limit=None, retry_errors="transient",
                            conflict=OutputConflictError)  # fmt: skip
         peaks[count] = tracemalloc.get_traced_memory()[1]

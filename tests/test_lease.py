@@ -15,9 +15,9 @@ import pytest
 from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
-from pipelines import lease as lease_module
-from pipelines.lease import LeaseHeldError, OutputLease, lease_uri
-from pipelines.output import open_labels
+from pipelines.labelling import lease as lease_module
+from pipelines.labelling import open_labels
+from pipelines.labelling.lease import LeaseHeldError, OutputLease, lease_uri
 from pipelines.storage import filesystem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_an_unrenewed_lease_is_taken_over_once_stale_saying_so(output_uri, monke
 def test_a_killed_attempts_lease_on_this_host_is_taken_over_at_once(tmp_path):
     output = str(tmp_path / "labels")
     script = (
-        "import os, sys; from pipelines.lease import OutputLease; "
+        "import os, sys; from pipelines.labelling.lease import OutputLease; "
         f"OutputLease({output!r}).acquire(); print('held', flush=True); os._exit(9)"  # killed: no release
     )
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

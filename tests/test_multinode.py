@@ -20,7 +20,7 @@ from labelling_samples import encode_image, noise_array, upload
 from local_cluster import LocalCluster
 from PIL import Image
 
-from pipelines.output import data_files, open_labels
+from pipelines.labelling import LabelOutput, open_labels
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 24
@@ -47,7 +47,7 @@ def _label(cluster: LocalCluster, source: str, output: str, checkpoint: str, **e
 
 def _wait_for_rows(output: str, job: subprocess.Popen, at_least_files: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while len(data_files(output)[1]) < at_least_files:
+    while len(LabelOutput(output).data_files()) < at_least_files:
         assert job.poll() is None, f"the job ended before {at_least_files} files: {job.stdout.read()[-3000:]}"
         assert time.monotonic() < deadline, "no rows committed in time"
         time.sleep(0.5)

@@ -24,7 +24,7 @@ from local_cluster import LocalCluster
 from synthetic_data import write_manifest
 
 import catseg
-from pipelines.checkpoints import list_checkpoints, resume_point
+from pipelines.training.checkpoints import list_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "multinode"
@@ -156,7 +156,7 @@ def test_losing_every_worker_node_stops_in_bounded_time(local_cluster, training_
     assert len(errors) == 1, out[-4000:]
     assert errors[0].startswith("error: training failed:"), errors[0]
     assert "CATSEG_RESOURCE_WAIT_SECONDS" in errors[0] and "re-running the same command resumes" in errors[0]
-    after = own[[i for i, line in enumerate(own) if errors[0] in line][0] + 1 :]
+    after = own[next(i for i, line in enumerate(own) if errors[0] in line) + 1 :]
     # Ray's multi-line reason is folded into that line, not continued below it
     assert not any("worker group startup timed out" in line.lower() for line in after), out[-3000:]
     assert wait <= stopped_after < wait + 90, stopped_after

@@ -16,9 +16,9 @@ from labelling_samples import encode_image, noise_array, upload
 from PIL import Image
 
 from jobs import preview as preview_cli
-from pipelines.labelling import LabelConfig, run_labelling
+from pipelines.labelling.preview import ClassTotal, class_color, colorize_mask, histogram_svg, render_preview
+from pipelines.labelling.run import LabelConfig, run_labelling
 from pipelines.models import resolve_model
-from pipelines.preview import ClassTotal, class_color, colorize_mask, histogram_svg, render_preview
 from pipelines.vocabulary import load_vocabulary
 
 # Class names are user input: markup in them must come out as text.

@@ -11,8 +11,8 @@ from labelling_samples import encode_image, label_on_s3, noise_array
 from PIL import Image
 
 from jobs import query as query_cli
+from pipelines.labelling import open_labels, query_labels
 from pipelines.masks import decode_mask_png
-from pipelines.output import open_labels, query_labels
 
 CLASSES = ["cat", "dog", "sky"]
 

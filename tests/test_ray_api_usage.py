@@ -11,7 +11,7 @@ import pytest
 from labelling_samples import noise_array
 from PIL import Image
 
-from pipelines.labelling import RETRIED_WRITE_ERRORS, LabelConfig, run_labelling
+from pipelines.labelling.run import RETRIED_WRITE_ERRORS, LabelConfig, run_labelling
 from pipelines.models import resolve_model
 from pipelines.vocabulary import load_vocabulary
 from pipelines.workers import ModelActors

@@ -19,9 +19,9 @@ from synthetic_data import HALVES_CLASS_NAMES, write_cocostuff, write_manifest
 
 import catseg
 from pipelines import storage
-from pipelines.checkpoints import PROGRESS_FILE, list_checkpoints, resume_point
-from pipelines.training import FinetuneConfig, check_inputs, cosine_schedule, run_finetuning
-from pipelines.validation import evaluate_miou, load_eval_examples, miou_from_confusion
+from pipelines.training.checkpoints import PROGRESS_FILE, list_checkpoints, resume_point
+from pipelines.training.run import FinetuneConfig, check_inputs, cosine_schedule, run_finetuning
+from pipelines.training.validation import evaluate_miou, load_eval_examples, miou_from_confusion
 
 # Synthetic task and budget: two classes, each a solid half of the image. The test's lr (5e-3) is 25x the
 # paper's 2e-4: the paper trains 80k steps from CLIP weights, this test a randomly initialized tiny model for 90.

@@ -17,7 +17,7 @@ from labelling_samples import noise_array
 from PIL import Image
 from worker_crash_hook import CRASH_COLOUR
 
-from pipelines.output import parquet_files
+from pipelines.labelling import LabelOutput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row_and_the_rest_is_lab
     seconds = time.monotonic() - started
     log = (result.stdout + result.stderr)[-5000:]
     assert result.returncode == 1, log  # finished; a re-run (with more memory) could still label one image
-    rows = pq.read_table(parquet_files(str(output))).to_pylist()
+    rows = pq.read_table(LabelOutput(str(output)).committed_files()).to_pylist()
     assert sorted(Path(row["source_uri"]).name for row in rows) == sorted(p.name for p in images.iterdir()), log
     by_name = {Path(row["source_uri"]).name: row for row in rows}
     killer = by_name.pop("killer.png")

@@ -1,5 +1,5 @@
 """The labelling pipeline's CPU stages and the Arrow schemas they exchange (the model stage is in
-:mod:`pipelines.model_stage`; the chain itself in :func:`pipelines.labelling.label_images`).
+:mod:`pipelines.model_stage`; the chain itself in :func:`pipelines.labelling.run.label_images`).
 
 Every stage passes rows through: a row that failed upstream carries its ``error`` to the output, so rows with a
 mask plus rows with an error always equal the inputs. Explicit schemas keep column types when a whole batch fails.
@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .masks import (
+from pipelines import storage
+from pipelines.images import DEFAULT_MAX_PIXELS, decode_image
+from pipelines.labelling.output import OUTPUT_SCHEMA
+from pipelines.masks import (
     REVIEW_COLUMNS,
     class_statistics,
     encode_confidence_png,
@@ -26,16 +27,13 @@ from .masks import (
     labels_to_mask,
     mask_dtype,
 )
-from .masks import unlabelled_value as unlabelled_value_for
-from .output import OUTPUT_SCHEMA
+from pipelines.masks import unlabelled_value as unlabelled_value_for
+from pipelines.row_errors import PERMANENT, TRANSIENT, column_or_nulls, describe_error
 
 READ_THREADS = 16  # concurrent object-store GETs per read task
 READ_ATTEMPTS = 4  # per object, for errors a retry can cure (503 SlowDown, resets, timeouts): 0.5 + 1 + 2 s waits
 READ_BACKOFF_SECONDS = 0.5
 
-# error_kind of an error row: whether re-running the job may cure it (see pipelines.labelling's --retry-errors)
-TRANSIENT, PERMANENT = "transient", "permanent"
-ERROR_KINDS = (TRANSIENT, PERMANENT)
 
 # error: set for inputs known bad before reading (a file name that is not UTF-8); they pass through as rows
 SOURCE_SCHEMA = pa.schema(
@@ -61,38 +59,6 @@ DECODED_SCHEMA = pa.schema(
         ("error_kind", pa.string()),
     ]
 )
-PREDICTED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("labels", pa.large_binary()),  # H x W class ids, uint8 or uint16 (see masks.mask_dtype)
-        ("confidence", pa.large_binary()),  # H x W float32 max probability
-        ("mean_confidence", pa.float64()),  # the review signals (masks.review_signals)
-        ("low_confidence_fraction", pa.float64()),
-        ("mean_margin", pa.float64()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-    ]
-)
-
-
-def describe_error(stage: str, err: BaseException) -> str:
-    """One line: the stage, the exception type (unless it is our own readable decode error) and its message."""
-    message = str(err) or type(err).__name__
-    text = f"{stage}: {message}" if isinstance(err, ImageDecodeError) else f"{stage}: {type(err).__name__}: {message}"
-    return text.replace("\n", " ")[:1000]
-
-
-def error_kind(stage: str, err: BaseException) -> str:
-    """``transient`` when running again may succeed (any read failure: a missing object may appear, a store may
-    recover, credentials may be fixed; the model running out of memory), else ``permanent`` (the bytes are bad)."""
-    if stage == "read":
-        return TRANSIENT
-    if stage == "model" and (isinstance(err, MemoryError) or "out of memory" in str(err).lower()):
-        return TRANSIENT  # torch.OutOfMemoryError, or the allocator's own message
-    return PERMANENT
 
 
 def _worth_retrying_now(err: BaseException) -> bool:
@@ -119,11 +85,6 @@ def _read_one(uri: str | None) -> tuple[bytes | None, str | None]:
 def _read_pool() -> ThreadPoolExecutor:
     """One pool per worker process: starting 16 threads per batch cost more than reading a missing object."""
     return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="catseg-read")
-
-
-def column_or_nulls(batch: pa.Table, name: str) -> list:
-    """A column as a list, or nulls when the batch lacks it (e.g. ``error_kind`` from a caller's own table)."""
-    return batch[name].to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
 def read_image_bytes(batch: pa.Table) -> pa.Table:

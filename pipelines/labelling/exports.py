@@ -1,6 +1,6 @@
 """Exports of a labelling output into the formats people train and review with. Every export streams: rows come
-64 at a time from DuckDB (:func:`pipelines.output.labelled_rows`) and leave in bounded shards, so memory does not
-grow with the run.
+64 at a time from DuckDB (:func:`pipelines.labelling.queries.labelled_rows`) and leave in bounded shards, so memory
+does not grow with the run.
 
     hf            Hugging Face ``datasets``: ``data/train-*.parquet`` with ``image`` and ``label`` as Image features
                   (the features in the Parquet schema's metadata), ``id2label.json`` and a dataset card README.md
@@ -11,7 +11,8 @@ grow with the run.
     png           ``<image_id>.png`` (the stored mask) plus ``index.json``
 
 The first three need the ``export`` extra (``pip install 'catseg-ray[export]'``). ``where`` (a SQL condition on
-``labels``) and ``review`` (the N least certain images, :data:`pipelines.output.REVIEW_ORDER`) select the rows.
+``labels``) and ``review`` (the N least certain images, :data:`pipelines.labelling.queries.REVIEW_ORDER`) select
+the rows.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .masks import REVIEW_COLUMNS, decode_mask_png, unlabelled_value
-from .output import labelled_rows, read_manifest
-from .preview import class_color, hex_color
+from pipelines import storage
+from pipelines.labelling.output import LabelOutput
+from pipelines.labelling.preview import class_color, hex_color
+from pipelines.labelling.queries import Output, labelled_rows, opened
+from pipelines.masks import REVIEW_COLUMNS, decode_mask_png, unlabelled_value
 
 EXPORT_EXTRA = "catseg-ray[export]"
 HF_ROWS_PER_SHARD = 1000
@@ -55,11 +57,11 @@ def _require(module: str, export: str) -> Any:
         raise ImportError(f"the {export} export needs {module.split('.')[0]}: pip install '{EXPORT_EXTRA}'") from err
 
 
-def _run_facts(output_uri: str) -> tuple[dict[str, Any], list[str]]:
-    manifest = read_manifest(output_uri) or {}
+def _run_facts(output: LabelOutput) -> tuple[dict[str, Any], list[str]]:
+    manifest = output.read_manifest() or {}
     names = list(manifest.get("vocabulary", {}).get("names") or [])
     if not names:
-        raise ValueError(f"{output_uri} has no manifest.json with the vocabulary: exports need the class names")
+        raise ValueError(f"{output.uri} has no manifest.json with the vocabulary: exports need the class names")
     return manifest, names
 
 
@@ -78,17 +80,17 @@ class _StreamedFile:
 
 # -- PNG ------------------------------------------------------------------------------------------------------
 def export_png(
-    output_uri: str, destination: str, *, where: str | None = None, review: int | None = None
+    output: LabelOutput, destination: str, *, where: str | None = None, review: int | None = None
 ) -> ExportResult:
     """Write each stored mask as ``<destination>/<image_id>.png`` (bytes as stored) plus ``index.json``."""
-    manifest = read_manifest(output_uri) or {}
+    manifest = output.read_manifest() or {}
     index = _StreamedFile(storage.join(destination, "index.json"))
     classes = manifest.get("vocabulary", {}).get("names")
     unlabelled = manifest.get("config", {}).get("unlabelled_value")
     index.write(f'{{"classes": {json.dumps(classes)}, "unlabelled_value": {json.dumps(unlabelled)}, "images": [')
     count = 0
     columns = ["image_id", "source_uri", "width", "height", "mask_png"]
-    for count, row in enumerate(labelled_rows(output_uri, columns, where=where, review=review), start=1):
+    for count, row in enumerate(labelled_rows(output, columns, where=where, review=review), start=1):
         name = f"{row['image_id']}.png"
         storage.write_bytes(storage.join(destination, name), row["mask_png"])
         entry = {k: row[k] for k in ("image_id", "source_uri", "width", "height")} | {"file": name}
@@ -100,7 +102,7 @@ def export_png(
 
 # -- COCO -----------------------------------------------------------------------------------------------------
 def export_coco(
-    output_uri: str, destination: str, *, where: str | None = None, review: int | None = None
+    output: LabelOutput, destination: str, *, where: str | None = None, review: int | None = None
 ) -> ExportResult:
     """``<destination>/annotations.json`` in COCO's format, written streaming.
 
@@ -112,7 +114,7 @@ def export_coco(
     ignore crowd regions in training).
     """
     mask_api = _require("pycocotools.mask", "coco")
-    manifest, names = _run_facts(output_uri)
+    manifest, names = _run_facts(output)
     categories = [{"id": i + 1, "name": name, "catseg_class_id": i} for i, name in enumerate(names)]
     out = _StreamedFile(storage.join(destination, "annotations.json"))
     info = {"description": "CAT-Seg pseudo-labels", "run_id": manifest.get("run_id"),
@@ -122,7 +124,7 @@ def export_coco(
     with tempfile.TemporaryFile("w+", encoding="utf-8") as pending:
         images = annotations = 0
         columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats"]
-        for images, row in enumerate(labelled_rows(output_uri, columns, where=where, review=review), start=1):
+        for images, row in enumerate(labelled_rows(output, columns, where=where, review=review), start=1):
             image = {"id": images, "file_name": row["source_uri"], "width": row["width"], "height": row["height"],
                      "catseg_image_id": row["image_id"]}  # fmt: skip
             out.write(("," if images > 1 else "") + "\n" + json.dumps(image))
@@ -164,7 +166,7 @@ def label_studio_config(names: list[str], image: str = "image", brush: str = "la
 
 
 def export_label_studio(
-    output_uri: str, destination: str, *, where: str | None = None, review: int | None = None
+    output: LabelOutput, destination: str, *, where: str | None = None, review: int | None = None
 ) -> ExportResult:
     """Label Studio tasks with pre-annotations: ``tasks-NNNNN.json`` (a JSON list of at most 1,000 tasks each,
     importable one by one) and ``label_config.xml``.
@@ -175,14 +177,14 @@ def export_label_studio(
     review the least certain first) and one BrushLabels result per class present, RLE-encoded by label-studio-sdk.
     """
     brush = _require("label_studio_sdk.converter.brush", "label-studio")
-    manifest, names = _run_facts(output_uri)
+    manifest, names = _run_facts(output)
     storage.write_text(storage.join(destination, "label_config.xml"), label_studio_config(names))
     model_version = manifest.get("model", {}).get("id") or "catseg"
     files: list[str] = ["label_config.xml"]
     out: _StreamedFile | None = None
     count = 0
     columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats", *REVIEW_COLUMNS]
-    for row in labelled_rows(output_uri, columns, where=where, review=review):
+    for row in labelled_rows(output, columns, where=where, review=review):
         if count % LABEL_STUDIO_TASKS_PER_FILE == 0:
             if out is not None:
                 out.write("\n]\n")
@@ -296,7 +298,7 @@ dataset = load_dataset("parquet", data_files="data/train-*.parquet")  # or load_
 
 
 def export_hf(
-    output_uri: str,
+    output: LabelOutput,
     destination: str,
     *,
     where: str | None = None,
@@ -306,7 +308,7 @@ def export_hf(
     """A Hugging Face dataset folder: ``data/train-NNNNN.parquet`` shards (at most 1,000 rows or 256 MB of image
     data each), ``id2label.json`` and a dataset card; ``load_dataset(<destination>)`` opens it."""
     datasets = _require("datasets", "hf")
-    manifest, names = _run_facts(output_uri)
+    manifest, names = _run_facts(output)
     schema = hf_features(datasets).arrow_schema  # carries the features as Parquet metadata ("huggingface")
     columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats", *REVIEW_COLUMNS]
     files: list[str] = []
@@ -321,7 +323,7 @@ def export_hf(
                 pq.write_table(pa.Table.from_pylist(records, schema=schema), f)
         records, size = [], 0
 
-    rows = labelled_rows(output_uri, columns, where=where, review=review)
+    rows = labelled_rows(output, columns, where=where, review=review)
     with ThreadPoolExecutor(EMBED_READ_THREADS) as pool:
         for group in _groups(rows, 2 * EMBED_READ_THREADS):
             sources = [row["source_uri"] for row in group]
@@ -362,9 +364,9 @@ def _groups(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str
 EXPORTS = {"png": export_png, "coco": export_coco, "label-studio": export_label_studio, "hf": export_hf}
 
 
-def export(kind: str, output_uri: str, destination: str, **options: Any) -> ExportResult:
+def export(kind: str, output: Output, destination: str, **options: Any) -> ExportResult:
     """Run the export ``kind`` (a key of :data:`EXPORTS`; ``coco-rle`` is ``coco``)."""
     kind = "coco" if kind == "coco-rle" else kind
     if kind not in EXPORTS:
         raise ValueError(f"unknown export {kind!r}; choose one of {', '.join(EXPORTS)}")
-    return EXPORTS[kind](output_uri, destination, **options)
+    return EXPORTS[kind](opened(output), destination, **options)

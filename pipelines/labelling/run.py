@@ -11,8 +11,8 @@ Every stage passes rows through: a row that failed upstream carries its ``error`
 mask plus rows with an error always equal the inputs. Stages exchange Arrow tables with explicit schemas (images as
 raw bytes), so a batch of only failures still has the right column types.
 
-Inputs are planned on the cluster (:mod:`pipelines.inputs`): the listing or manifest, minus the images this run has
-already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the driver only holds
+Inputs are planned on the cluster (:mod:`pipelines.labelling.plan`): the listing or manifest, minus the images this
+run has already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the driver only holds
 counts. Blocks of ``rows_per_file`` rows flow from read to write (each read call fetches :data:`IO_ROWS` objects
 concurrently); the decode and model stages work ``batch_size`` rows at a time.
 
@@ -24,8 +24,6 @@ its file before it is labelled again, so the output never holds two rows for one
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import warnings
@@ -35,44 +33,31 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.data.datasource import FilenameProvider
 
-import catseg
-
-from . import cluster, storage
-from .images import DEFAULT_MAX_PIXELS
-from .inputs import (
-    RETRY_POLICIES,
-    TODO_ROWS_PER_FILE,
-    InputPlan,
-    NoInputsError,
-    TodoDatasource,
-    check_source,
-    count_attempt_rows,
-    image_id_for,
-    new_attempt_id,
-    plan_inputs,
-    plan_root_uri,
-)
-from .lease import OutputLease
-from .masks import REVIEW_THRESHOLD, mask_dtype
-from .masks import unlabelled_value as unlabelled_value_for
-from .model_stage import InFlightImages, SegmentationModel
-from .models import ModelSource
-from .output import (
+from pipelines import cluster, storage
+from pipelines.labelling.config import LabelConfig
+from pipelines.labelling.lease import OutputLease
+from pipelines.labelling.output import (
     OUTPUT_SCHEMA,
+    LabelOutput,
     OutputConflictError,
-    arrow_filesystem,
-    committed_rows_named,
-    data_uri,
     finish_run_manifest,
-    read_manifest,
     start_run_manifest,
-    write_manifest,
 )
-from .stages import PERMANENT, SOURCE_SCHEMA, TRANSIENT, decode_images, encode_predictions, read_image_bytes
-from .workers import ModelActors
+from pipelines.labelling.plan import InputPlan, TodoDatasource, count_attempt_rows, new_attempt_id, plan_inputs
+from pipelines.labelling.sources import NoInputsError, check_source
+from pipelines.labelling.stages import (
+    PERMANENT,
+    SOURCE_SCHEMA,
+    TRANSIENT,
+    decode_images,
+    encode_predictions,
+    read_image_bytes,
+)
+from pipelines.model_stage import InFlightImages, SegmentationModel
+from pipelines.workers import ModelActors
 
 if TYPE_CHECKING:
-    from .vocabulary import Vocabulary
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -84,105 +69,6 @@ RETRIED_WRITE_ERRORS = (
     "Service Unavailable", "SlowDown", "reduce your request rate", "Connection reset", "ConnectionClosedError",
     "EndpointConnectionError", "ReadTimeoutError", "Server disconnected", "InternalError",
 )  # fmt: skip
-
-__all__ = ["LabelConfig", "NoInputsError", "RunSummary", "image_id_for", "label_images", "run_labelling"]
-
-
-# -- configuration --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelConfig:
-    """One labelling run. ``input_uri`` (prefix, directory or glob) or ``manifest_uri`` names the images."""
-
-    output_uri: str
-    vocabulary: Vocabulary
-    model: ModelSource
-    input_uri: str | None = None
-    manifest_uri: str | None = None
-    uri_column: str = "uri"
-    run_id: str | None = None
-    batch_size: int = 4
-    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    max_actors: int | None = None  # None: one per GPU, or 1 without GPUs
-    cpus_per_actor: float = 1.0
-    confidence: bool = False
-    confidence_threshold: float | None = None
-    limit: int | None = None
-    rows_per_file: int = 256
-    precision: str = "float32"  # "bfloat16"/"float16": autocast in the model stage (GPUs with tensor cores)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images become error rows; None: Pillow's bomb limit only
-    retry_errors: str = "transient"  # which committed error rows a re-run labels again: transient, all, none
-
-    def __post_init__(self) -> None:
-        if (self.input_uri is None) == (self.manifest_uri is None):
-            raise ValueError("give exactly one of an input URI or a manifest URI")
-        for name in ("output_uri", "input_uri", "manifest_uri"):  # DIR and DIR/ are one run
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, storage.normalize_uri(getattr(self, name)))
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be at least 1, got {self.max_pixels}")
-        if self.max_actors is not None and self.max_actors < 1:
-            raise ValueError(f"--max-actors must be at least 1, got {self.max_actors}")
-        if self.cpus_per_actor <= 0 or (self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0):
-            raise ValueError("--cpus-per-actor must be > 0 and --num-gpus-per-actor >= 0")
-        if self.batch_size < 1 or self.rows_per_file < 1:
-            raise ValueError("batch_size and rows_per_file must be at least 1")
-        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"confidence threshold must be in [0, 1], got {self.confidence_threshold}")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError("limit must be >= 0")
-        if self.retry_errors not in RETRY_POLICIES:
-            raise ValueError(f"--retry-errors must be one of {', '.join(RETRY_POLICIES)}, got {self.retry_errors!r}")
-        if self.precision not in catseg.PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(catseg.PRECISIONS)}, got {self.precision!r}")
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What decides the content of the rows: a resumed run must match it (limit and resources may change)."""
-        return {
-            "input_uri": self.input_uri,
-            "manifest_uri": self.manifest_uri,
-            "uri_column": self.uri_column if self.manifest_uri else None,
-            "vocab_id": self.vocabulary.vocab_id,
-            "model_id": self.model.model_id,
-            "confidence": self.confidence,
-            "confidence_threshold": self.confidence_threshold,
-            # only when set, so that float32 run ids stay what they were before the option existed
-            **({"precision": self.precision} if self.precision != "float32" else {}),
-            **({"max_pixels": self.max_pixels} if self.max_pixels != DEFAULT_MAX_PIXELS else {}),
-        }
-
-    def describe(self, resources: dict[str, Any]) -> dict[str, Any]:
-        """The run manifest's input, vocabulary, model and config sections (``resources``: the actor pool)."""
-        num_classes = len(self.vocabulary)
-        return {
-            "input": {"uri": self.input_uri, "manifest": self.manifest_uri, "uri_column": self.uri_column,
-                      "limit": self.limit},
-            "vocabulary": {"vocab_id": self.vocabulary.vocab_id, "source": self.vocabulary.source,
-                           "names": list(self.vocabulary.names)},
-            "model": {"id": self.model.model_id, "uri": self.model.uri},
-            "config": {"batch_size": self.batch_size, "retry_errors": self.retry_errors,
-                       "confidence": self.confidence,
-                       "confidence_threshold": self.confidence_threshold,
-                       "low_confidence_below": self.review_threshold,
-                       "mask_bits": 8 * mask_dtype(num_classes).itemsize,
-                       "unlabelled_value": unlabelled_value_for(num_classes), "rows_per_file": self.rows_per_file,
-                       **resources},
-        }  # fmt: skip
-
-    @property
-    def review_threshold(self) -> float:
-        """Pixels below this probability count in ``low_confidence_fraction``: the confidence threshold, or 0.5."""
-        return REVIEW_THRESHOLD if self.confidence_threshold is None else self.confidence_threshold
-
-    @property
-    def block_rows(self) -> int:
-        """Rows per Ray Data block from read to write: the to-do files' row group size."""
-        return min(self.rows_per_file, TODO_ROWS_PER_FILE)
-
-    def resolved_run_id(self) -> str:
-        if self.run_id:
-            return self.run_id
-        digest = hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
-        return f"run-{digest}"
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
@@ -198,17 +84,22 @@ class _AttemptFiles(FilenameProvider):
 
 
 def label_images(
-    todo_files: list[tuple[str, int]], config: LabelConfig, run_id: str, actors: ModelActors, attempt_id: str
+    todo_files: list[tuple[str, int]],
+    config: LabelConfig,
+    run_id: str,
+    actors: ModelActors,
+    attempt_id: str,
+    output: LabelOutput,
 ) -> None:
     """The labelling chain: to-do rows (image_id, source_uri, known error) -> read -> decode -> model -> encode
-    -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.output`)."""
+    -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.labelling.output`)."""
     names = list(config.vocabulary.names)
     # Blocks of rows_per_file rows (the to-do files' row groups) from read to write: a file commits per block, and
     # per-block overhead (tens of ms over the stages) stays small against the rows even when every row is an
     # error. Ray splits blocks that outgrow its block size (read bytes, decoded pixels) inside their task.
     block_rows = config.block_rows
     blocks = sum(groups for _, groups in todo_files)
-    fs, path = arrow_filesystem(data_uri(config.output_uri))
+    fs, path = output.arrow_data_filesystem()
     context = ray.data.DataContext.get_current()
     with warnings.catch_warnings():
         # Ray 2.60 warns on any custom value that its matching will go from substrings to regexes; ours are plain
@@ -218,7 +109,7 @@ def label_images(
     in_flight = InFlightImages.remote()  # counts model worker deaths per image (Ray Data retries them forever)
     (
         ray.data.read_datasource(
-            TodoDatasource(plan_root_uri(config.output_uri), todo_files, block_rows, SOURCE_SCHEMA),
+            TodoDatasource(output.inputs_uri, todo_files, block_rows, SOURCE_SCHEMA),
             override_num_blocks=blocks,
             num_cpus=READ_CPUS,  # a fraction of a CPU, like the other CPU stages
         )
@@ -330,40 +221,33 @@ def _no_inputs_error(config: LabelConfig, plan: InputPlan) -> NoInputsError:
     )
 
 
-def _remove_plan(output_uri: str) -> None:
-    """A refused run leaves nothing behind: its plan (and, see :func:`_remove_empty_output`, the folder)."""
-    fs, root = storage.filesystem(plan_root_uri(output_uri))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
-def _remove_empty_output(output_uri: str) -> None:
+def _remove_empty_output(output: LabelOutput) -> None:
     """The output folder this run created, if the run left nothing in it (a refusal), lease released."""
-    fs, output = storage.filesystem(output_uri)
-    if fs.isdir(output) and not fs.ls(output):
-        fs.rmdir(output)
+    if output.fs.isdir(output.root) and not output.fs.ls(output.root):
+        output.fs.rmdir(output.root)
 
 
 def run_labelling(config: LabelConfig) -> RunSummary:
     """Label every input image not yet in the output (and the error rows to retry); write the rows and the run
-    manifest; return a summary. One attempt at a time per output (:class:`pipelines.lease.OutputLease`): a second
-    one is refused before it plans or writes anything."""
+    manifest; return a summary. One attempt at a time per output (:class:`~pipelines.labelling.lease.OutputLease`):
+    a second one is refused before it plans or writes anything."""
     # every check that needs no cluster first: a mistake costs seconds and writes nothing
     check_source(config.input_uri, config.manifest_uri, config.uri_column)
-    created = not storage.exists(config.output_uri)
-    storage.check_writable(config.output_uri)
+    output = LabelOutput(config.output_uri)
+    created = not output.fs.exists(output.root)
+    storage.check_writable(output.uri)
     try:
-        with OutputLease(config.output_uri) as lease:  # a lost lease ends the block in LeaseLostError
-            return _run_holding_lease(config, lease)
+        with OutputLease(output.uri) as lease:  # a lost lease ends the block in LeaseLostError
+            return _run_holding_lease(config, output, lease)
     finally:  # after the release: the lease file is gone, so a refused run's folder is empty
         if created:
-            _remove_empty_output(config.output_uri)
+            _remove_empty_output(output)
 
 
-def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
+def _run_holding_lease(config: LabelConfig, output: LabelOutput, lease: OutputLease) -> RunSummary:
     run_id = config.resolved_run_id()
-    existing = read_manifest(config.output_uri)
-    _check_resumable(existing, config, run_id, config.output_uri)
+    existing = output.read_manifest()
+    _check_resumable(existing, config, run_id, output.uri)
     cluster.connect()
     resources = ModelActors.plan(
         config.num_gpus_per_actor,
@@ -373,7 +257,7 @@ def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
     )
     planning_started = time.perf_counter()
     plan = plan_inputs(
-        output_uri=config.output_uri,
+        output=output,
         run_id=run_id,
         input_uri=config.input_uri,
         manifest_uri=config.manifest_uri,
@@ -385,10 +269,10 @@ def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
     )
     planning_seconds = time.perf_counter() - planning_started
     if plan.inputs == 0 and config.limit != 0:
-        _remove_plan(config.output_uri)
+        output.remove_inputs_plan()
         raise _no_inputs_error(config, plan)
     manifest = start_run_manifest(existing, run_id, config.fingerprint(), config.describe(asdict(resources)))
-    write_manifest(config.output_uri, manifest)  # written first: a crashed run is identifiable and resumable
+    output.write_manifest(manifest)  # written first: a crashed run is identifiable and resumable
 
     attempt_id = new_attempt_id()
     started = time.perf_counter()
@@ -397,13 +281,13 @@ def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
             "a model actor",
             resources.cpus_per_actor,
             resources.num_gpus_per_actor,
-            progress=lambda: f"{committed_rows_named(config.output_uri, attempt_id)} rows committed by this attempt",
+            progress=lambda: f"{output.committed_rows_named(attempt_id)} rows committed by this attempt",
         ):
-            label_images(plan.todo_files, config, run_id, resources, attempt_id)
+            label_images(plan.todo_files, config, run_id, resources, attempt_id, output)
     seconds = time.perf_counter() - started
 
     lease.check()  # an attempt that lost its lease leaves the manifest to the one that holds it
-    written = count_attempt_rows(config.output_uri, attempt_id) if plan.todo else {}
+    written = count_attempt_rows(output, attempt_id) if plan.todo else {}
     before = plan.committed
     ok = before.get("ok", 0) + written.get("ok", 0)
     transient, permanent = (
@@ -417,10 +301,10 @@ def _run_holding_lease(config: LabelConfig, lease: OutputLease) -> RunSummary:
                "retried": sum(plan.retry.values()), "retried_by_kind": plan.retry, "seconds": round(seconds, 3),
                "planning_seconds": round(planning_seconds, 3)}  # fmt: skip
     finish_run_manifest(manifest, counts, attempt)
-    write_manifest(config.output_uri, manifest)
+    output.write_manifest(manifest)
     return RunSummary(
         run_id=run_id,
-        output_uri=config.output_uri,
+        output_uri=output.uri,
         inputs=plan.inputs,
         skipped=plan.skipped,
         processed=plan.todo,

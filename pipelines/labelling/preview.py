@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import storage
-from .images import decode_image
-from .masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
-from .output import REVIEW_ORDER, labels_connection, parquet_files, read_manifest
+from pipelines import storage
+from pipelines.images import decode_image
+from pipelines.labelling.output import LabelOutput
+from pipelines.labelling.queries import REVIEW_ORDER, labels_connection
+from pipelines.masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
 
 IMAGES_DIR = "images"
 MAX_IMAGE_SIDE = 384  # page images are thumbnails: originals may be many megapixels
@@ -202,16 +203,14 @@ def collect_preview(
         raise ValueError(f"n must be at least 1, got {n}")
     if order not in PREVIEW_ORDERS:
         raise ValueError(f"order must be one of {', '.join(PREVIEW_ORDERS)}, got {order!r}")
-    manifest = read_manifest(output_uri)
-    if manifest is None and not parquet_files(output_uri):
-        raise FileNotFoundError(f"no labelling output at {output_uri} (no manifest.json, no data/*.parquet)")
-    manifest = manifest or {}
+    output = LabelOutput.existing(output_uri)
+    manifest = output.read_manifest() or {}
     names = list(manifest.get("vocabulary", {}).get("names") or [])
     unlabelled = manifest.get("config", {}).get("unlabelled_value")
     if unlabelled is None:
         unlabelled = UNLABELLED_8BIT if len(names) <= UNLABELLED_8BIT else UNLABELLED_16BIT
     selection = f" AND ({where})" if where else ""
-    with labels_connection(output_uri) as connection:
+    with labels_connection(output) as connection:
         [(labelled_total, error_total)] = connection.sql(
             f"SELECT count(*) FILTER (error IS NULL), count(*) FILTER (error IS NOT NULL) FROM labels WHERE true"
             f"{selection}"

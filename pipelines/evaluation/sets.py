@@ -45,7 +45,8 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.images import LABEL_ENCODINGS, LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
-from pipelines.stages import describe_error
+from pipelines.pairs import manifest_dataset
+from pipelines.row_errors import describe_error
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
 BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
@@ -263,9 +264,6 @@ def _find_root(layout: BenchmarkLayout, data: str) -> tuple[str, LabelFolder]:
 
 
 def _manifest_set(manifest_uri: str, classes_uri: str) -> EvaluationSet:
-    # The training reader knows the manifest format (Parquet/CSV, relative URIs, split column): reuse it.
-    from pipelines.datasets import manifest_dataset
-
     dataset = manifest_dataset(manifest_uri, classes_uri)
     if not dataset.pairs:
         raise ValueError(f"manifest {manifest_uri} lists no (image_uri, label_uri) rows")

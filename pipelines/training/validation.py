@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import catseg
 from catseg import IGNORE_INDEX
-from pipelines.augment import resize_for_eval
-from pipelines.datasets import read_example
 from pipelines.metrics import compute_metrics
+from pipelines.training.augment import resize_for_eval
+from pipelines.training.datasets import read_example
 
 
 def load_eval_examples(

@@ -5,8 +5,8 @@ trainer; :func:`train_loop_per_worker` is the training loop every worker runs, w
 nanoGPT's train.py: config, data, model, optimizer, resume, loop (forward, loss, backward, clip, step),
 evaluation, checkpoint. Ray adds ``prepare_model``, the dataset shard and ``ray.train.report``.
 
-Checkpoints (layout, writing, resume) are in :mod:`pipelines.checkpoints`, validation in
-:mod:`pipelines.validation`.
+Checkpoints (layout, writing, resume) are in :mod:`pipelines.training.checkpoints`, validation in
+:mod:`pipelines.training.validation`.
 """
 
 from __future__ import annotations
@@ -28,24 +28,23 @@ import torch.distributed as dist
 import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import cluster, storage
-from pipelines.checkpoints import (
+from pipelines.models import resolve_model
+from pipelines.pairs import SegmentationDataset, read_pair_table
+from pipelines.training.checkpoints import (
     MODEL_DIR,
     load_training_state,
     report_with_checkpoint,
 )
-from pipelines.datasets import (
+from pipelines.training.datasets import training_pipeline
+from pipelines.training.sources import (
     LAYOUTS,
-    SegmentationDataset,
     SplitNotFoundError,
     check_dataset_label_ids,
     check_files_exist,
     holdout_split,
     load_dataset,
-    read_manifest,
-    training_pipeline,
 )
-from pipelines.models import resolve_model
-from pipelines.validation import evaluate_miou, load_eval_examples
+from pipelines.training.validation import evaluate_miou, load_eval_examples
 from pipelines.workers import cpu_worker_runtime_env, plan_training_worker_cpus
 
 # Layout -> (training split, validation split) folder names.
@@ -129,7 +128,7 @@ def prepare_datasets(config: FinetuneConfig) -> tuple[SegmentationDataset, Segme
     """
     train_split, val_split = LAYOUT_SPLITS[config.layout]
     if config.layout == "manifest":
-        has_splits = "split" in read_manifest(config.data).column_names
+        has_splits = "split" in read_pair_table(config.data).column_names
         train = load_dataset("manifest", config.data, train_split if has_splits else None, config.classes)
         val = load_dataset("manifest", config.data, val_split, config.classes) if has_splits else None
     else:

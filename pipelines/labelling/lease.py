@@ -29,12 +29,11 @@ from datetime import UTC, datetime
 
 from fsspec.implementations.local import LocalFileSystem
 
-from . import storage
-from .output import OutputConflictError
+from pipelines import storage
+from pipelines.labelling.output import LEASE_FILE, OutputConflictError
 
 logger = logging.getLogger(__name__)
 
-LEASE_FILE = "_lease.json"
 # Without a renewal for this long a lease is stale: its attempt is gone. Renewals come every RENEW_FRACTION of it.
 STALE_SECONDS = float(os.environ.get("CATSEG_LEASE_STALE_SECONDS", "120"))
 RENEW_FRACTION = 0.2
