@@ -1,9 +1,9 @@
-"""Building, saving and loading models.
+"""Our checkpoint format: building a model, saving it, loading and checking it, and the tensor-shape checks every
+loader shares (:func:`check_shapes`, :func:`load_state`).
 
-Our checkpoint format is a directory (local path or any fsspec URI such as s3://bucket/run/model):
-``config.json`` (:class:`ModelConfig`) and ``model.safetensors`` (the full state dict, CLIP included).
-Official CAT-Seg ``.pth`` files are converted on load by :mod:`catseg.convert`; released weights by name come
-through :mod:`catseg.pretrained`.
+A checkpoint is a directory (local path or any fsspec URI such as s3://bucket/run/model): ``config.json``
+(:class:`ModelConfig`) and ``model.safetensors`` (the full state dict, CLIP included). Official CAT-Seg ``.pth``
+files are read by :mod:`catseg.convert`; which loader a URI needs is decided in :mod:`catseg.load`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .config import ModelConfig, get_config
 from .model import CATSeg
-from .pretrained import check_pretrained, fetch_pretrained, get_pretrained, is_pretrained
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,60 +51,13 @@ def save_model(model: CATSeg, uri: str) -> str:
     return uri
 
 
-def load_model(uri: str, *, device: str | torch.device | None = None) -> CATSeg:
-    """Load released weights by name (:func:`catseg.list_pretrained`, e.g. ``"vit_b16"``), a checkpoint directory
-    written by :func:`save_model`, or an official CAT-Seg ``.pth`` file.
-
-    A registered name always means the released weights; write ``./vit_b16`` for a local directory of that name.
-    """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError("checkpoint URI must be a non-empty string")
-    from .convert import is_official_checkpoint, load_official_checkpoint
-
-    if is_pretrained(uri):
-        model = _load_pretrained(uri)
-    elif is_official_checkpoint(uri):
-        model = load_official_checkpoint(uri)
-    else:
-        model = _load_catseg_checkpoint(uri)
-    return model.to(device) if device is not None else model
-
-
-def _load_pretrained(name: str) -> CATSeg:
-    from .convert import load_official_checkpoint
-
-    weights = get_pretrained(name)
-    model = load_official_checkpoint(fetch_pretrained(name))
-    if model.config.name != weights.architecture:
-        raise ValueError(
-            f"released weights {name!r} ({weights.uri}) hold a {model.config.name!r} model, "
-            f"not {weights.architecture!r}: the cached file is not the released one; delete it from the "
-            "Hugging Face cache (huggingface-cli delete-cache) and retry"
-        )
-    return model
-
-
-def check_checkpoint(uri: str) -> ModelConfig:
-    """The architecture of a checkpoint, checked without building the model: cheap enough for a job's driver.
-
-    Released names: cached or reachable (a HEAD request). Our format: ``config.json`` parses and the safetensors
-    header (read alone, not the weights) lists exactly the architecture's tensors with their shapes and fits the
-    file. Official ``.pth``: it unpickles with ``weights_only=True`` (memory-mapped when local) and every key
-    converts with the right shape. Raises ValueError / FileNotFoundError / PretrainedUnavailableError with one line.
-    """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError("checkpoint URI must be a non-empty string")
-    if is_pretrained(uri):
-        check_pretrained(uri)
-        return get_config(get_pretrained(uri).architecture)
-    from .convert import check_official_checkpoint, is_official_checkpoint
-
-    if is_official_checkpoint(uri):
-        return check_official_checkpoint(uri)
+def check_catseg_checkpoint(uri: str) -> ModelConfig:
+    """Our format, checked without building the model: ``config.json`` parses and the safetensors header (read
+    alone, not the weights) lists exactly the architecture's tensors with their shapes and fits the file."""
     fs, path, uri = _checkpoint_location(uri)
     config = _read_config(fs, path, uri)
     weights_uri = _join(uri, WEIGHTS_FILE)
-    _check_shapes(config, _safetensors_shapes(fs, _join(path, WEIGHTS_FILE), weights_uri), weights_uri)
+    check_shapes(config, _safetensors_shapes(fs, _join(path, WEIGHTS_FILE), weights_uri), weights_uri)
     return config
 
 
@@ -133,8 +85,9 @@ def _safetensors_shapes(fs, path: str, uri: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    expected = _reference_shapes(config)
+def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a state whose tensor names or shapes are not exactly the architecture's, in one line."""
+    expected = reference_shapes(config)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     mismatched = [k for k in expected if k in shapes and shapes[k] != expected[k]]
@@ -177,7 +130,7 @@ def _read_config(fs, path: str, uri: str) -> ModelConfig:
     return config
 
 
-def _load_catseg_checkpoint(uri: str) -> CATSeg:
+def load_catseg_checkpoint(uri: str) -> CATSeg:
     fs, path, uri = _checkpoint_location(uri)
     config = _read_config(fs, path, uri)
     payload = _read_bytes(fs, _join(path, WEIGHTS_FILE), uri, WEIGHTS_FILE)
@@ -188,20 +141,22 @@ def _load_catseg_checkpoint(uri: str) -> CATSeg:
             f"{_join(uri, WEIGHTS_FILE)} is corrupt or not a safetensors file ({err}); re-save or re-download it"
         ) from err
     model = CATSeg(config)
-    _load_state(model, state, _join(uri, WEIGHTS_FILE))
+    load_state(model, state, _join(uri, WEIGHTS_FILE))
     return model.eval()
 
 
-def _load_state(model: CATSeg, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state(model: CATSeg, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` after :func:`check_shapes` (in the model's dtypes)."""
     expected = model.state_dict()
-    _check_shapes(model.config, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_shapes(model.config, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
 _SHAPE_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
-def _reference_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def reference_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The architecture's tensor shapes, from a model built on the meta device (no memory), cached."""
     if config.name not in _SHAPE_CACHE:
         with torch.device("meta"):
             model = CATSeg(config)

@@ -17,7 +17,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from .checkpoint import _check_shapes, _load_state, _reference_shapes, save_model
+from .checkpoint import check_shapes, load_state, reference_shapes, save_model
 from .config import ModelConfig, get_config, list_models
 from .model import CATSeg
 
@@ -106,7 +106,7 @@ def detect_official_config(state: dict[str, torch.Tensor]) -> ModelConfig:
             raise ValueError(f"not an official CAT-Seg checkpoint: it has no {catseg_to_official_key(probe)}")
     for name in list_models():
         config = get_config(name)
-        shapes = _reference_shapes(config)
+        shapes = reference_shapes(config)
         if all(tuple(state[p].shape) == shapes[p] for p in probes):
             return config
     conv = tuple(state[probes[0]].shape)
@@ -173,7 +173,7 @@ def load_official_checkpoint(uri: str) -> CATSeg:
     """Convert an official CAT-Seg checkpoint (detectron2 ``.pth`` with a ``model`` entry)."""
     config, state = _convert_official_keys(_read_official_state(uri), uri)
     model = CATSeg(config)
-    _load_state(model, state, uri)
+    load_state(model, state, uri)
     return model.eval()
 
 
@@ -181,7 +181,7 @@ def check_official_checkpoint(uri: str) -> ModelConfig:
     """The architecture of an official file, checked without building the model: it unpickles with
     ``weights_only=True`` (memory-mapped when local) and every key converts with the right shape."""
     config, state = _convert_official_keys(_read_official_state(uri, mmap=True), uri)
-    _check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, uri)
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, uri)
     return config
 
 

@@ -18,7 +18,7 @@ import ray
 
 import catseg
 from pipelines.masks import REVIEW_COLUMNS, REVIEW_THRESHOLD, mask_dtype, review_signals
-from pipelines.row_errors import PERMANENT, TRANSIENT, column_or_nulls, describe_error, error_kind
+from pipelines.rows import PERMANENT, TRANSIENT, column_or_nulls, describe_error, error_kind, stage_table
 
 logger = logging.getLogger(__name__)
 
@@ -229,19 +229,8 @@ class SegmentationModel:
             confidence[i] = probability.astype(np.float32).tobytes()
             for name, value in review_signals(probability, runner_up, self.low_confidence_below).items():
                 signals[name][i] = value
-        return pa.table(
-            {
-                "image_id": batch["image_id"],
-                "source_uri": batch["source_uri"],
-                "width": batch["width"],
-                "height": batch["height"],
-                "labels": pa.array(labels, pa.large_binary()),
-                "confidence": pa.array(confidence, pa.large_binary()),
-                **{name: pa.array(values, pa.float64()) for name, values in signals.items()},
-                "error": pa.array(errors, pa.string()),
-                "error_kind": pa.array(kinds, pa.string()),
-            },
-            schema=PREDICTED_SCHEMA,
+        return stage_table(
+            PREDICTED_SCHEMA, batch, labels=labels, confidence=confidence, **signals, error=errors, error_kind=kinds
         )
 
 

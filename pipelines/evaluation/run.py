@@ -46,7 +46,7 @@ from pipelines.metrics import (
     encode_sparse_confusion,
 )
 from pipelines.model_stage import InFlightImages, PredictorFactory, predict_counting_deaths
-from pipelines.row_errors import describe_error
+from pipelines.rows import describe_error, stage_table
 from pipelines.workers import ModelActors
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,8 @@ class ConfusionStage:
                 continue
             counted[i] = int(matrix.sum())
             confusion[i] = encode_sparse_confusion(matrix)
-        return pa.table(
-            {
-                "image_uri": batch["image_uri"],
-                "label_uri": batch["label_uri"],
-                "labelled_pixels": pa.array(counted, pa.int64()),
-                "confusion": pa.array(confusion, pa.large_binary()),
-                "error": pa.array(errors, pa.string()),
-                "fatal": pa.array(fatal, pa.bool_()),
-            },
-            schema=RESULT_SCHEMA,
+        return stage_table(
+            RESULT_SCHEMA, batch, labelled_pixels=counted, confusion=confusion, error=errors, fatal=fatal
         )
 
 

@@ -46,7 +46,7 @@ import pyarrow as pa
 from pipelines import storage
 from pipelines.images import LABEL_ENCODINGS, LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
 from pipelines.pairs import manifest_dataset
-from pipelines.row_errors import describe_error
+from pipelines.rows import describe_error, stage_table
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
 BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
@@ -335,16 +335,4 @@ def read_pairs(
         fatal = isinstance(result, LabelIdError)
         columns["error"].append(None if ok else str(result) if fatal else describe_error("read", result))
         columns["fatal"].append(fatal)
-    return pa.table(
-        {
-            "image_uri": batch["image_uri"],
-            "label_uri": batch["label_uri"],
-            "width": pa.array(columns["width"], pa.int32()),
-            "height": pa.array(columns["height"], pa.int32()),
-            "pixels": pa.array(columns["pixels"], pa.large_binary()),
-            "label": pa.array(columns["label"], pa.large_binary()),
-            "error": pa.array(columns["error"], pa.string()),
-            "fatal": pa.array(columns["fatal"], pa.bool_()),
-        },
-        schema=READ_SCHEMA,
-    )
+    return stage_table(READ_SCHEMA, batch, **columns)

@@ -53,7 +53,7 @@ from pipelines.labelling.buckets import (
 from pipelines.labelling.buckets import failure as task_failure
 from pipelines.labelling.output import LabelOutput, is_committed, replace_file
 from pipelines.labelling.sources import list_sources
-from pipelines.row_errors import PERMANENT, TRANSIENT
+from pipelines.rows import PERMANENT, TRANSIENT
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pipelines.labelling.buckets import (
     failure,
     raise_failures,
 )
-from pipelines.row_errors import PERMANENT
+from pipelines.rows import PERMANENT
 
 LISTING_TASKS = 32  # at most this many tasks list the sub-folders of a prefix
 

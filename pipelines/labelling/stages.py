@@ -28,7 +28,7 @@ from pipelines.masks import (
     mask_dtype,
 )
 from pipelines.masks import unlabelled_value as unlabelled_value_for
-from pipelines.row_errors import PERMANENT, TRANSIENT, column_or_nulls, describe_error
+from pipelines.rows import PERMANENT, TRANSIENT, column_or_nulls, describe_error, stage_table
 
 READ_THREADS = 16  # concurrent object-store GETs per read task
 READ_ATTEMPTS = 4  # per object, for errors a retry can cure (503 SlowDown, resets, timeouts): 0.5 + 1 + 2 s waits
@@ -99,16 +99,7 @@ def read_image_bytes(batch: pa.Table) -> pa.Table:
     for i, (content, error) in zip(todo, _read_pool().map(_read_one, [uris[i] for i in todo]), strict=True):
         data[i], errors[i] = content, error
         kinds[i] = TRANSIENT if error is not None else None
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "data": pa.array(data, pa.large_binary()),
-            "error": pa.array(errors, pa.string()),
-            "error_kind": pa.array(kinds, pa.string()),
-        },
-        schema=READ_SCHEMA,
-    )
+    return stage_table(READ_SCHEMA, batch, data=data, error=errors, error_kind=kinds)
 
 
 def decode_images(batch: pa.Table, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> pa.Table:
@@ -126,17 +117,8 @@ def decode_images(batch: pa.Table, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
         heights.append(None if rgb is None else rgb.shape[0])
         pixels.append(None if rgb is None else rgb.tobytes())
         errors.append(error)
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()),
-            "pixels": pa.array(pixels, pa.large_binary()),
-            "error": pa.array(errors, pa.string()),
-            "error_kind": pa.array(kinds, pa.string()),
-        },
-        schema=DECODED_SCHEMA,
+    return stage_table(
+        DECODED_SCHEMA, batch, width=widths, height=heights, pixels=pixels, error=errors, error_kind=kinds
     )
 
 
@@ -180,21 +162,16 @@ def encode_predictions(
         confidences.append(confidence_png)
         stats.append(class_stats)
     rows = len(errors)
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source_uri": batch["source_uri"],
-            "width": batch["width"],
-            "height": batch["height"],
-            "mask_png": pa.array(masks, pa.binary()),
-            "confidence_png": pa.array(confidences, pa.binary()),
-            "class_stats": pa.array(stats, OUTPUT_SCHEMA.field("class_stats").type),
-            **{name: pa.array(values, pa.float64()) for name, values in signals.items()},
-            "error": pa.array(errors, pa.string()),
-            "error_kind": pa.array(kinds, pa.string()),
-            "run_id": pa.array([run_id] * rows, pa.string()),
-            "model_id": pa.array([model_id] * rows, pa.string()),
-            "vocab_id": pa.array([vocab_id] * rows, pa.string()),
-        },
-        schema=OUTPUT_SCHEMA,
+    return stage_table(
+        OUTPUT_SCHEMA,
+        batch,
+        mask_png=masks,
+        confidence_png=confidences,
+        class_stats=stats,
+        **signals,
+        error=errors,
+        error_kind=kinds,
+        run_id=[run_id] * rows,
+        model_id=[model_id] * rows,
+        vocab_id=[vocab_id] * rows,
     )

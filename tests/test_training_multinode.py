@@ -38,7 +38,7 @@ FORWARDED_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|[\w.]+ pid=\d+)[^)]*\)
 
 @pytest.fixture
 def training_data(s3_endpoint, s3_bucket) -> tuple[str, str]:
-    # 3 classes, 6 pairs: 3 steps an epoch at 2 workers x 1 image (tests/test_finetune_job.py uses the same)
+    # 3 classes, 6 pairs: 3 steps an epoch at 2 workers x 1 image (tests/test_training_job.py uses the same)
     return write_manifest(f"s3://{s3_bucket}/data", {"train": 6}, fmt="csv", seed=2)
 
 

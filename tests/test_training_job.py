@@ -58,7 +58,7 @@ def _command(manifest: str, classes: str, storage: str) -> list[str]:
 
 def test_killed_job_resumes_from_its_last_checkpoint(s3_endpoint, s3_bucket, tmp_path):
     # 3 classes: the tiny model on ADE20K's 150 or COCO-Stuff's 171 takes seconds per step on this CPU, and the
-    # layouts differ only in how pairs are listed (tests/test_datasets.py), not in what the job does with them.
+    # layouts differ only in how pairs are listed (tests/test_training_datasets.py), not in what the job does with them.
     storage = f"s3://{s3_bucket}/runs"
     manifest, classes = write_manifest(f"s3://{s3_bucket}/data", {"train": 6}, fmt="csv", seed=2)
     command = _command(manifest, classes, storage)
