@@ -77,8 +77,9 @@ def write_run(output: Path, rows: int, height: int, width: int, classes: int) ->
         )
         out = encode_predictions(table, class_names=names, run_id="bench", model_id="bench-model", vocab_id="v")
         pq.write_table(out, output / "data" / f"part-{part:05d}.parquet")
-    LabelOutput(str(output)).write_manifest({"run_id": "bench", "vocabulary": {"names": names}, "model": {"id": "bench-model"},
-                                 "config": {"unlabelled_value": 255}})  # fmt: skip
+    manifest = {"run_id": "bench", "vocabulary": {"names": names}, "model": {"id": "bench-model"},
+                "config": {"unlabelled_value": 255}}  # fmt: skip
+    LabelOutput(str(output)).write_manifest(manifest)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
     sources    (pipelines.labelling.sources) list the prefix (a task for its top level, then tasks over groups
                of its sub-folders) or read the manifest (a task per manifest file, streamed in batches); each URI
-               is hashed to its image_id and the rows go to <output>/_inputs/sources/b=NN/ by the id's bucket (the id's first hex digits)
+               is hashed to its image_id and the rows go to <output>/_inputs/sources/b=NN/ by the id's bucket
+               (the id's first hex digits)
     committed  tasks over groups of the committed output files read their image_id and error columns (footers
                checked concurrently; half-written files deleted), bucketed the same way into committed/b=NN/
     join       tasks over ranges of buckets: duplicate inputs dropped, images already committed kept out

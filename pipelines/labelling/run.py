@@ -11,10 +11,10 @@ Every stage passes rows through: a row that failed upstream carries its ``error`
 mask plus rows with an error always equal the inputs. Stages exchange Arrow tables with explicit schemas (images as
 raw bytes), so a batch of only failures still has the right column types.
 
-Inputs are planned on the cluster (:mod:`pipelines.labelling.plan`): the listing or manifest, minus the images this
-run has already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the driver only holds
-counts. Blocks of ``rows_per_file`` rows flow from read to write (each read call fetches :data:`IO_ROWS` objects
-concurrently); the decode and model stages work ``batch_size`` rows at a time.
+Inputs are planned on the cluster (:mod:`pipelines.labelling.plan`): the listing or manifest, minus the images
+this run has already committed, becomes ``<output>/_inputs/todo/*.parquet``, the chain's streaming source; the
+driver only holds counts. Blocks of ``rows_per_file`` rows flow from read to write (each read call fetches
+:data:`IO_ROWS` objects concurrently); the decode and model stages work ``batch_size`` rows at a time.
 
 Resume and healing: each run has a ``run_id`` (by default a hash of input, vocabulary, model and result-affecting
 options). Re-running the same command labels what is missing, and again the error rows worth retrying
