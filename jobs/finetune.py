@@ -35,9 +35,25 @@ def _option(group: argparse._ArgumentGroup, flag: str, help: str = "", **kwargs:
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
-    _option(data, "--data", "dataset root (cocostuff, ade20k) or manifest file (manifest)", required=True)
+    _option(
+        data, "--data", "dataset root (cocostuff, ade20k), manifest file (manifest), Label Studio JSON export "
+        "(label-studio), COCO JSON (coco) or a jobs.label output (labels)", required=True,
+    )  # fmt: skip
     _option(data, "--layout", f"dataset layout: one of {', '.join(LAYOUTS)}", required=True)
-    _option(data, "--classes", "class-names file, one name per line (line i = label id i-1); manifest")
+    _option(
+        data, "--classes", "class-names file, one name per line (line i = label id i-1): the run's vocabulary "
+        "(manifest: required; other layouts: sources are mapped onto it by name)",
+    )  # fmt: skip
+    _option(data, "--weight", "the --data source's weight against --add-source ones (2: each pair twice)")
+    _option(
+        data, "--add-source", "another source, LAYOUT=URI[,weight=W]; repeatable (e.g. labels=s3://b/run1,weight=0.3)",
+        action="append", metavar="LAYOUT=URI",
+    )  # fmt: skip
+    _option(data, "--where", "labels sources: SQL condition on the run's table `labels` (e.g. 'mean_margin > 0.3')")
+    _option(data, "--min-confidence", "labels sources: ignore pixels below this probability", type=float)
+    _option(data, "--label-studio-url", "label-studio: the server images under /data/upload/ come from "
+            "(API key in LABEL_STUDIO_API_KEY)")  # fmt: skip
+    _option(data, "--local-files-root", "label-studio: Label Studio's LOCAL_FILES_DOCUMENT_ROOT (/data/local-files/)")
     _option(data, "--crop-size", "training crop side")
     _option(data, "--max-val-images", "validation images scored per evaluation")
     _option(data, "--val-fraction", "held out when there is no val split")
@@ -87,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     train, val = datasets
     print(
         f"fine-tuning: {len(train)} training pairs, {len(val) if val else 0} validation images, "
-        f"{len(train.class_names)} classes ({config.layout}); run {config.storage.rstrip('/')}/{config.run_name}",
+        f"{len(train.class_names)} classes ({train.layout}); run {config.storage.rstrip('/')}/{config.run_name}",
         flush=True,
     )
     resume = resume_point(config.storage, config.run_name)

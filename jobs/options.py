@@ -9,9 +9,12 @@ from typing import Any
 from catseg import PRECISIONS
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model NAME or --checkpoint URI, resolved by pipelines.models.resolve_model."""
+def add_model_options(parser: argparse.ArgumentParser, labels_help: str | None = None) -> None:
+    """--model NAME or --checkpoint URI, resolved by pipelines.models.resolve_model (or --labels RUN with
+    ``labels_help``: a labelling run's stored masks instead of a model)."""
     model = parser.add_mutually_exclusive_group(required=True)
+    if labels_help:
+        model.add_argument("--labels", metavar="RUN_URI", help=labels_help)
     model.add_argument("--model", help="released weights by name: vit_b16, vit_l14 (fetched once, then cached)")
     model.add_argument(
         "--checkpoint",

@@ -5,6 +5,7 @@
         --sql "SELECT s.class_name, count(*) AS images FROM labels, unnest(class_stats) AS t(s) GROUP BY 1"
     python -m jobs.query --output s3://bucket/labels/run1 --export hf|label-studio|coco|png --to DIR [--where "..."]
     python -m jobs.query --output s3://bucket/labels/run1 --review 100        # the 100 least certain images
+    python -m jobs.query --output s3://bucket/labels/run1 --review 100 --format csv --to review.csv
     python -m jobs.query --output s3://bucket/labels/run1 --review 500 --export label-studio --to ./review
 """
 
@@ -24,14 +25,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["hf", "label-studio", "coco", "coco-rle", "png"],
         help="Hugging Face dataset, Label Studio tasks, COCO annotations (coco-rle: the same), or PNG masks",
     )
-    parser.add_argument("--to", help="export destination (directory or URI)")
+    parser.add_argument(
+        "--to", help="export destination (directory or URI); with --sql / --review: a file for the rows"
+    )
     parser.add_argument("--where", help="SQL condition on `labels` selecting the images to export")
     parser.add_argument(
         "--review", type=int, metavar="N", help="the N least certain images (smallest mean_margin first); "
         "alone: list them; with --export: export only them"
     )  # fmt: skip
     parser.add_argument("--embed-images", action="store_true", help="hf: store the source image bytes, not URIs")
-    parser.add_argument("--format", choices=["table", "csv", "json"], default="table", help="--sql output format")
+    parser.add_argument(
+        "--format", choices=["table", "csv", "jsonl", "json", "parquet"], default="table",
+        help="rows of --sql / --review: an aligned table (ids and URIs whole), csv, jsonl (json: the same) or parquet",
+    )  # fmt: skip
     parser.add_argument("--max-rows", type=int, default=100, help="rows to print in table format (default: 100)")
     args = parser.parse_args(argv)
     if not (args.sql or args.export or args.review):
@@ -40,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--review lists images itself; write the ORDER BY in --sql instead")
     if args.export and not args.to:
         parser.error("--export needs --to DIR")
+    if args.format == "json":
+        args.format = "jsonl"  # one JSON object per line, as before
+    if args.format == "parquet" and not args.to:
+        parser.error("--format parquet writes a file: give --to FILE")
     if args.review is not None and args.review < 1:
         parser.error("--review N needs N >= 1")
     if args.embed_images and args.export != "hf":
@@ -47,35 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _print_table(table, fmt: str, max_rows: int) -> None:
-    if fmt == "json":
-        import json
-
-        for row in table.to_pylist():
-            print(json.dumps(row, default=str))
-    elif fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(table, sys.stdout.buffer)
-    else:
-        import polars as pl  # pretty printing when installed; pyarrow rendering otherwise
-
-        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80):
-            print(pl.from_arrow(table))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.labelling import LabelOutput, export, query_labels, review_queue
+    from pipelines.labelling import LabelOutput, export, query_labels, review_queue, write_result
 
     try:
         output = LabelOutput.existing(args.output)  # before anything is exported: a typo must not read as zero rows
         if args.sql or (args.review and not args.export):
             table = query_labels(output, args.sql) if args.sql else review_queue(output, args.review, where=args.where)
-            try:
-                _print_table(table, args.format, args.max_rows)
-            except ImportError:  # no polars: plain pyarrow rendering
-                print(table.slice(0, args.max_rows).to_string(preview_cols=20))
+            write_result(table, args.format, args.to, max_rows=args.max_rows)
+            if args.to:
+                print(f"wrote {table.num_rows} rows to {args.to} ({args.format})", file=sys.stderr)
             return 0
         options = {"where": args.where, "review": args.review}
         if args.export == "hf":

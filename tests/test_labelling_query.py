@@ -89,3 +89,30 @@ def test_bad_sql_is_a_one_line_error(labelled, capsys):
     output, _ = labelled
     assert query_cli.main(["--output", output, "--sql", "SELEC nothing"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_review_rows_as_csv_jsonl_and_a_table_keep_ids_and_uris_whole(tmp_path, capsys):
+    import pyarrow.csv as pacsv
+    from feedback_samples import write_run
+
+    deep = "a folder name long enough that any terminal table would have wrapped it/" * 2
+    names = {f"{deep}image {i}, with a comma.png": 0.1 * i for i in range(4)}
+    images = {name: (noise_array(6, 8, 3, i), np.full((6, 8), i % 2, np.uint8)) for i, name in enumerate(names)}
+    run = write_run(tmp_path, images, ["cat", "dog"], margins=names)
+    expected = open_labels(run).to_table(columns=["image_id", "source_uri", "mean_margin"]).sort_by("mean_margin")
+
+    assert query_cli.main(["--output", run, "--review", "4", "--format", "csv", "--to", str(tmp_path / "r.csv")]) == 0
+    from_csv = pacsv.read_csv(tmp_path / "r.csv").select(["image_id", "source_uri", "mean_margin"])
+    assert from_csv.to_pylist() == expected.to_pylist()
+
+    assert query_cli.main(["--output", run, "--review", "4", "--format", "jsonl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [{k: json.loads(line)[k] for k in ("image_id", "source_uri")} for line in lines] == (
+        expected.select(["image_id", "source_uri"]).to_pylist()
+    )
+
+    assert query_cli.main(["--output", run, "--review", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    for row in expected.to_pylist():  # one line per image, its id and URI whole on it
+        assert sum(row["image_id"] in line and row["source_uri"] in line for line in table) == 1
+    assert table[-1] == "(4 rows)"

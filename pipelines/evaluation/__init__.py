@@ -4,6 +4,7 @@ confusion matrices -> mIoU and the per-class report.
     run.py      EvaluationConfig, evaluate: the Ray Data chain
     sets.py     the paper's benchmark layouts as data, and the read stage
     report.py   EvaluationResult, the JSON report, the printed table and headline
+    labels.py   a labelling run's stored masks against reviewed annotations (no model)
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ _HOMES = {
     "EvaluationConfig": "run",
     "evaluate": "run",
     "BENCHMARKS": "sets",
+    "REVIEWED_FORMATS": "sets",
     "load_benchmark": "sets",
+    "read_reviewed": "sets",
+    "evaluate_labels": "labels",
     "EvaluationResult": "report",
     "format_table": "report",
     "headline": "report",

@@ -44,12 +44,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
+from pipelines.annotations import ReviewedSet
+from pipelines.coco import read_coco
 from pipelines.images import LABEL_ENCODINGS, LabelEncoding, LabelIdError, check_label_ids, decode_image, decode_label
+from pipelines.label_studio import LabelStudioAccess, read_export
 from pipelines.pairs import manifest_dataset
 from pipelines.rows import describe_error, stage_table
 from pipelines.vocabulary import load_vocabulary, read_class_list
 
-BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest")
+REVIEWED_FORMATS = ("label-studio", "coco")  # reviewed annotations exported from other tools
+BENCHMARKS = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "manifest", *REVIEWED_FORMATS)
 VOC_BACKGROUND = "background"
 
 
@@ -177,14 +181,27 @@ def builtin_class_names(benchmark: str) -> list[str]:
 # Layouts
 
 
-def load_benchmark(benchmark: str, data: str, classes: str | None = None, limit: int | None = None) -> EvaluationSet:
+def load_benchmark(
+    benchmark: str,
+    data: str,
+    classes: str | None = None,
+    limit: int | None = None,
+    *,
+    access: LabelStudioAccess | None = None,
+    copy_uploads_to: str | None = None,
+) -> EvaluationSet:
     """The evaluation set of ``benchmark`` under ``data``; ``classes`` (a names file) replaces the built-in
-    prompts (required for ``manifest``); ``limit`` keeps the first N pairs in file-name order."""
+    prompts (required for ``manifest``); ``limit`` keeps the first N pairs in file-name order. ``label-studio``
+    and ``coco``: the reviewed images of an export (:func:`read_reviewed`)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    if benchmark == "manifest":
+    if benchmark in REVIEWED_FORMATS:
+        reviewed = read_reviewed(benchmark, data, classes, access=access, copy_uploads_to=copy_uploads_to)
+        names = reviewed.class_names
+        evaluation_set = EvaluationSet(benchmark, data, reviewed.pairs(), names, names, CLASS_IDS_255, None)
+    elif benchmark == "manifest":
         if not classes:
             raise ValueError("benchmark 'manifest' needs --classes FILE (one class name per line, line i = id i-1)")
         evaluation_set = _manifest_set(data, classes)
@@ -193,6 +210,21 @@ def load_benchmark(benchmark: str, data: str, classes: str | None = None, limit:
     if limit is not None:
         evaluation_set = _replace_pairs(evaluation_set, evaluation_set.pairs[:limit])
     return evaluation_set
+
+
+def read_reviewed(
+    kind: str,
+    data: str,
+    classes: str | None = None,
+    *,
+    access: LabelStudioAccess | None = None,
+    copy_uploads_to: str | None = None,
+) -> ReviewedSet:
+    """A Label Studio JSON export or a COCO file as reviewed images (on ``classes``, a names file, when given)."""
+    names = read_class_list(classes) if classes else None
+    if kind == "coco":
+        return read_coco(data, classes=names)
+    return read_export(data, classes=names, access=access, copy_uploads_to=copy_uploads_to)
 
 
 def _replace_pairs(evaluation_set: EvaluationSet, pairs: list[tuple[str, str]]) -> EvaluationSet:

@@ -3,6 +3,8 @@ Every reader opens the output the same way (:meth:`LabelOutput.existing`: refuse
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -78,3 +80,93 @@ def labelled_rows(
         )
         for batch in reader:
             yield from batch.to_pylist()
+
+
+# -- query results for people and pipes -----------------------------------------------------------------------
+RESULT_FORMATS = ("table", "csv", "jsonl", "parquet")
+
+
+def write_result(table: pa.Table, fmt: str, destination: str | None = None, *, max_rows: int = 100) -> None:
+    """A query's rows as ``fmt`` to ``destination`` (any URI) or standard output. ``table``: aligned columns with
+    every value whole on one line (ids and URIs are never wrapped or cut), at most ``max_rows`` rows; ``csv`` and
+    ``jsonl``: every row, nested values as JSON and binary as base64; ``parquet``: the rows as they are."""
+    import sys
+
+    from pipelines import storage
+
+    if fmt not in RESULT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(RESULT_FORMATS)}")
+    if fmt == "parquet":
+        if destination is None:
+            raise ValueError("--format parquet writes a file: give --to FILE")
+        import pyarrow.parquet as pq
+
+        with storage.open_for_writing(destination) as f:
+            pq.write_table(table, f)
+        return
+    if fmt == "table":
+        data = _aligned(table, max_rows).encode("utf-8")
+    elif fmt == "jsonl":
+        data = "".join(json.dumps(row, default=_plain) + "\n" for row in table.to_pylist()).encode("utf-8")
+    else:
+        import pyarrow.csv as pacsv
+
+        buffer = pa.BufferOutputStream()
+        pacsv.write_csv(_flat(table), buffer)
+        data = buffer.getvalue().to_pybytes()
+    if destination is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        storage.write_bytes(destination, data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _flat(table: pa.Table) -> pa.Table:
+    """Nested columns as JSON text and binary ones as base64, which CSV can hold."""
+    columns = []
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            column = pa.array([None if v is None else _cell(v) for v in column.to_pylist()], pa.string())
+        columns.append(column)
+    return pa.table(columns, names=table.column_names)
+
+
+def _cell(value: Any) -> str:
+    return _plain(value) if isinstance(value, bytes) else json.dumps(value, default=_plain)
+
+
+def _aligned(table: pa.Table, max_rows: int) -> str:
+    shown = table.slice(0, max_rows)
+    rows = [[_text(v) for v in row.values()] for row in shown.to_pylist()]
+    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, name in enumerate(table.column_names)]
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in table.schema.types]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric, strict=True)]
+        return "  ".join(padded).rstrip()
+
+    lines = [line(list(table.column_names)), "  ".join("-" * w for w in widths)]
+    lines += [line(row) for row in rows]
+    if table.num_rows > max_rows:
+        lines.append(f"... {table.num_rows - max_rows} more rows (--max-rows, or --format csv|jsonl for all)")
+    lines.append(f"({table.num_rows} rows)")
+    return "\n".join(lines) + "\n"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=_plain)
+    return str(value).replace("\n", "\\n")

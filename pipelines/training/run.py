@@ -29,38 +29,26 @@ import catseg
 from catseg import BASE_LR, CLIP_LR_MULTIPLIER, GRAD_CLIP_NORM, IGNORE_INDEX, WEIGHT_DECAY
 from pipelines import cluster, storage
 from pipelines.models import resolve_model
-from pipelines.pairs import SegmentationDataset, read_pair_table
+from pipelines.pairs import SegmentationDataset
 from pipelines.training.checkpoints import (
     MODEL_DIR,
     load_training_state,
     report_with_checkpoint,
 )
 from pipelines.training.datasets import training_pipeline
-from pipelines.training.sources import (
-    LAYOUTS,
-    SplitNotFoundError,
-    check_dataset_label_ids,
-    check_files_exist,
-    holdout_split,
-    load_dataset,
-)
+from pipelines.training.feedback import TrainingSource
+from pipelines.training.sources import LAYOUTS, prepare_datasets
 from pipelines.training.validation import evaluate_miou, load_eval_examples
 from pipelines.workers import cpu_worker_runtime_env, plan_training_worker_cpus
 
-# Layout -> (training split, validation split) folder names.
 logger = logging.getLogger(__name__)  # in Ray Train workers the root logger reaches the driver (print shows twice)
-LAYOUT_SPLITS = {
-    "cocostuff": ("train2017", "val2017"),
-    "ade20k": ("training", "validation"),
-    "manifest": ("train", "val"),
-}
 
 
 @dataclass
 class FinetuneConfig:
     """Everything a fine-tuning run needs; the defaults are the paper's solver settings."""
 
-    data: str  # dataset root (cocostuff, ade20k) or manifest file (manifest)
+    data: str  # dataset root (cocostuff, ade20k), manifest, Label Studio / COCO export, or labelling run
     layout: str  # one of LAYOUTS
     storage: str  # RunConfig.storage_path: s3://bucket/prefix or a local folder
     run_name: str  # same name + same storage = resume
@@ -87,14 +75,28 @@ class FinetuneConfig:
     keep_checkpoints: int = 3
     bf16: bool = False  # autocast to bfloat16 on GPU (ignored on CPU)
     seed: int = 0
+    weight: float = 1.0  # the --data source's weight against the --add-source ones
+    add_source: tuple[str, ...] | list[str] | None = None  # more sources: LAYOUT=URI[,weight=W]
+    where: str | None = None  # labels sources: SQL condition on the run's table `labels`
+    min_confidence: float | None = None  # labels sources: pixels below this probability are ignored
+    label_studio_url: str | None = None  # label-studio sources: where /data/upload/... images are fetched
+    local_files_root: str | None = None  # label-studio sources: LOCAL_FILES_DOCUMENT_ROOT for /data/local-files/
     stall_warning_minutes: float = 5.0  # log when no training batch arrived for this long
 
     def validate(self) -> None:
         """Refuse bad settings before anything is read or started."""
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown dataset layout {self.layout!r}; choose one of {list(LAYOUTS)}")
-        if self.layout == "manifest" and not self.classes:
+        layouts = [self.layout, *(TrainingSource.parse(text).layout for text in self.add_source or ())]
+        for layout in layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"unknown dataset layout {layout!r}; choose one of {list(LAYOUTS)}")
+        if "manifest" in layouts and not self.classes:
             raise ValueError("layout 'manifest' needs a class-names file: --classes FILE (one name per line)")
+        if self.weight < 0:
+            raise ValueError(f"--weight must be >= 0, got {self.weight}")
+        if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+        if (self.where or self.min_confidence is not None) and "labels" not in layouts:
+            raise ValueError("--where and --min-confidence choose a labelling run's rows: they need a labels source")
         if self.model is None and self.init_checkpoint is None:
             raise ValueError("give --model or --init-checkpoint (the architecture comes from one of them)")
         if self.model is not None and self.model not in catseg.list_models():
@@ -118,44 +120,6 @@ class FinetuneConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver side: inputs, data, trainer
-
-
-def prepare_datasets(config: FinetuneConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
-    """(train, validation) for the run, checked: files present, label ids covered by the class names.
-
-    Validation is the layout's validation split (val2017, validation, manifest rows with split=val) when present,
-    else a stable hash-based hold-out of ``val_fraction`` of the training pairs. None when eval_every is 0.
-    """
-    train_split, val_split = LAYOUT_SPLITS[config.layout]
-    if config.layout == "manifest":
-        has_splits = "split" in read_pair_table(config.data).column_names
-        train = load_dataset("manifest", config.data, train_split if has_splits else None, config.classes)
-        val = load_dataset("manifest", config.data, val_split, config.classes) if has_splits else None
-    else:
-        train = load_dataset(config.layout, config.data, train_split)
-        try:
-            val = load_dataset(config.layout, config.data, val_split)
-        except SplitNotFoundError:  # no validation folder: hold some training pairs out instead
-            val = None
-    if len(train) == 0:
-        raise ValueError(f"{config.data} holds no training pairs")
-    if config.eval_every == 0:
-        val = None
-    elif val is None or len(val) == 0:
-        train, val = holdout_split(train, config.val_fraction)
-    if val is not None and len(val) > config.max_val_images > 0:
-        keep = np.linspace(0, len(val) - 1, config.max_val_images).round().astype(int)
-        val = val.subset(sorted(set(keep.tolist())))
-    for dataset in (train, val) if val is not None else (train,):
-        check_files_exist(dataset)
-        check_dataset_label_ids(dataset)
-    global_batch = config.num_workers * config.batch_size_per_worker
-    if len(train) < global_batch:
-        raise ValueError(
-            f"{len(train)} training pairs cannot fill one global batch of {global_batch} "
-            f"({config.num_workers} workers x {config.batch_size_per_worker}); use fewer workers or a smaller batch"
-        )
-    return train, val
 
 
 def check_inputs(config: FinetuneConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:

@@ -16,16 +16,36 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.images import decode_label
-from pipelines.pairs import LabelEncodingName, SegmentationDataset, manifest_dataset
+from pipelines.pairs import LabelEncodingName, SegmentationDataset, manifest_dataset, read_class_names, read_pair_table
 from pipelines.training.datasets import check_training_ids
+from pipelines.training.feedback import (
+    FEEDBACK_LAYOUTS,
+    FeedbackOptions,
+    TrainingSource,
+    concatenate,
+    load_feedback_source,
+    source_class_names,
+    weighted,
+)
 from pipelines.vocabulary import load_vocabulary
 
-LAYOUTS = ("cocostuff", "ade20k", "manifest")
+if TYPE_CHECKING:
+    from pipelines.training.run import FinetuneConfig
+
+LAYOUTS = ("cocostuff", "ade20k", "manifest", *FEEDBACK_LAYOUTS)
+LAYOUT_SPLITS = {
+    "cocostuff": ("train2017", "val2017"),
+    "ade20k": ("training", "validation"),
+    "manifest": ("train", "val"),
+}
+
+
 LABEL_SUFFIXES = (".png",)
 # Class lists in CAT-Seg's order (its datasets/coco.json, ade150.json); train id = position. One copy: the presets.
 COCO_STUFF_CLASSES = list(load_vocabulary(preset="cocostuff171").names)
@@ -126,6 +146,8 @@ def check_files_exist(dataset: SegmentationDataset, max_listed: int = 3) -> None
     by_folder: dict[str, set[str]] = {}
     for image, label in dataset.pairs:
         for uri in (image, label):
+            if uri.startswith(("data:", "http://", "https://")):  # inline labels; web images have no listing
+                continue
             by_folder.setdefault(posixpath.dirname(uri), set()).add(uri)
     missing: list[str] = []
     for folder, wanted in sorted(by_folder.items()):
@@ -152,3 +174,83 @@ def check_dataset_label_ids(dataset: SegmentationDataset, sample_size: int = 32,
         labels = list(pool.map(lambda uri: decode_label(storage.read_bytes(uri), dataset.label_encoding), uris))
     for uri, label in zip(uris, labels, strict=True):
         check_training_ids(label, len(dataset.class_names), uri)
+
+
+def prepare_datasets(config: FinetuneConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(train, validation) for the run, checked: files present, label ids covered by the class names.
+
+    Validation is the first source's validation split (val2017, validation, manifest rows with split=val) when
+    present, else a stable hash-based hold-out of ``val_fraction`` of its pairs. None when eval_every is 0. Further
+    sources (``add_source``) and weights: :mod:`pipelines.training.feedback`.
+    """
+    sources = [TrainingSource(config.layout, config.data, config.weight)]
+    sources += [TrainingSource.parse(text) for text in config.add_source or ()]
+    vocabulary = _vocabulary(config, sources)
+    options = FeedbackOptions(
+        where=config.where, min_confidence=config.min_confidence, label_studio_url=config.label_studio_url,
+        local_files_root=config.local_files_root, work_uri=storage.join(config.storage, config.run_name, "sources"),
+    )  # fmt: skip
+    trains, val = [], None
+    for index, source in enumerate(sources):
+        if source.layout in FEEDBACK_LAYOUTS:
+            train, source_val = load_feedback_source(source, vocabulary, options, index), None
+        else:
+            train, source_val = _layout_splits(source.layout, source.data, config.classes)
+        if index == 0:  # validation comes from the first source: normally the reviewed corrections
+            train, val = _validation(config, train, source_val)
+        trains.append(weighted(train, source.weight) if source.weight != 1 else train)
+    train = concatenate(trains)
+    if len(train) == 0:
+        raise ValueError(f"{config.data} holds no training pairs")
+    for dataset in (train, val) if val is not None else (train,):
+        check_files_exist(dataset)
+        check_dataset_label_ids(dataset)
+    global_batch = config.num_workers * config.batch_size_per_worker
+    if len(train) < global_batch:
+        raise ValueError(
+            f"{len(train)} training pairs cannot fill one global batch of {global_batch} "
+            f"({config.num_workers} workers x {config.batch_size_per_worker}); use fewer workers or a smaller batch"
+        )
+    return train, val
+
+
+def _layout_splits(
+    layout: str, data: str, classes: str | None
+) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(train, validation or None) of a paper layout or a pair manifest."""
+    train_split, val_split = LAYOUT_SPLITS[layout]
+    if layout == "manifest":
+        has_splits = "split" in read_pair_table(data).column_names
+        train = load_dataset("manifest", data, train_split if has_splits else None, classes)
+        return train, load_dataset("manifest", data, val_split, classes) if has_splits else None
+    train = load_dataset(layout, data, train_split)
+    try:
+        return train, load_dataset(layout, data, val_split)
+    except SplitNotFoundError:  # no validation folder: hold some training pairs out instead
+        return train, None
+
+
+def _validation(
+    config: FinetuneConfig, train: SegmentationDataset, val: SegmentationDataset | None
+) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    if config.eval_every == 0:
+        return train, None
+    if val is None or len(val) == 0:
+        train, val = holdout_split(train, config.val_fraction)
+    if len(val) > config.max_val_images > 0:
+        keep = np.linspace(0, len(val) - 1, config.max_val_images).round().astype(int)
+        val = val.subset(sorted(set(keep.tolist())))
+    return train, val
+
+
+def _vocabulary(config: FinetuneConfig, sources: list[TrainingSource]) -> list[str]:
+    """``--classes``, else the union of the loop sources' class lists in order (a layout's own list first)."""
+    if config.classes:
+        return read_class_names(config.classes)
+    names: dict[str, None] = {}
+    for source in sources:
+        if source.layout in FEEDBACK_LAYOUTS:
+            names.update(dict.fromkeys(source_class_names(source, FeedbackOptions(where=config.where))))
+        elif source.layout in ("cocostuff", "ade20k"):
+            names.update(dict.fromkeys(COCO_STUFF_CLASSES if source.layout == "cocostuff" else ADE20K_CLASSES))
+    return list(names)
