@@ -180,3 +180,19 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, tiny_checkpoint):
     code = evaluate_cli.main(["--data", str(tmp_path), "--benchmark", "pc59", "--checkpoint", tiny_checkpoint])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "prepare_pascal_context_59.py" in err and err.count("\n") == 1
+
+
+def test_reviewed_images_of_a_label_studio_export_are_a_benchmark(bucket, tmp_path):
+    from feedback_samples import reviewed_export
+
+    root = bucket["root"]
+    reviews = {f"{root}/images/{i}.png": label for i, label in enumerate(bucket["labels"])}
+    export_uri = reviewed_export(tmp_path / "export.json", reviews, CLASSES)  # the ignored band stays unpainted
+    evaluation_set = load_benchmark("label-studio", export_uri)
+    assert evaluation_set.class_names == CLASSES[:3]  # the classes the export uses, in order
+    result = evaluate(evaluation_set, ColourOracle(), CONFIG, model_id="oracle")
+    assert result.metrics.miou == 1.0 and result.images_evaluated == 3 and result.images_failed == 0
+    assert result.labelled_pixels == sum(int((label != IGNORE).sum()) for label in bucket["labels"])
+    # the same reviews, one class called wrong by the model: its IoU drops to 0 (dog -> sky)
+    wrong = evaluate(evaluation_set, ColourOracle(remap={1: 2}), CONFIG)
+    assert wrong.metrics.iou[1] == 0.0 and wrong.metrics.iou[0] == 1.0

@@ -183,8 +183,8 @@ def test_class_file_replaces_prompts_but_must_match_the_class_count(tmp_path):
 
 
 def test_unknown_benchmark_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown benchmark 'coco'"):
-        load_benchmark("coco", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown benchmark 'cityscapes'"):
+        load_benchmark("cityscapes", str(tmp_path))
 
 
 def test_missing_folder_names_the_expected_layout_and_prepare_script(tmp_path):
