@@ -30,8 +30,9 @@ from PIL import Image
 
 from pipelines.images import decode_image
 from pipelines.training.augment import augment
+from pipelines.training.config import FinetuneConfig
 from pipelines.training.datasets import decode_training_label
-from pipelines.training.run import FinetuneConfig, run_finetuning
+from pipelines.training.run import run_finetuning
 from pipelines.training.sources import COCO_STUFF_CLASSES
 
 

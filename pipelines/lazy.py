@@ -9,13 +9,15 @@ from typing import Any
 
 
 def lazy_exports(package: str, homes: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for ``package``: ``homes`` maps a public name to its submodule."""
+    """``__getattr__`` and ``__dir__`` for ``package``: ``homes`` maps a public name to its submodule (or to a
+    shared module, named in full: ``pipelines.label_output``)."""
     namespace = import_module(package).__dict__
 
     def __getattr__(name: str) -> Any:  # noqa: N807 (the module-level hook's name)
         if name not in homes:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(import_module(f"{package}.{homes[name]}"), name)
+        home = homes[name]
+        value = getattr(import_module(home if home.startswith("pipelines.") else f"{package}.{home}"), name)
         namespace[name] = value
         return value
 

@@ -20,7 +20,8 @@ from synthetic_data import HALVES_CLASS_NAMES, write_cocostuff, write_manifest
 import catseg
 from pipelines import storage
 from pipelines.training.checkpoints import PROGRESS_FILE, list_checkpoints, resume_point
-from pipelines.training.run import FinetuneConfig, check_inputs, cosine_schedule, run_finetuning
+from pipelines.training.config import FinetuneConfig
+from pipelines.training.run import check_inputs, cosine_schedule, run_finetuning
 from pipelines.training.validation import evaluate_miou, load_eval_examples, miou_from_confusion
 
 # Synthetic task and budget: two classes, each a solid half of the image. The test's lr (5e-3) is 25x the

@@ -21,7 +21,8 @@ from pipelines.coco import read_coco
 from pipelines.label_studio import LabelStudioAccess, read_export
 from pipelines.labelling import LabelOutput, export
 from pipelines.masks import decode_mask_png
-from pipelines.training.run import FinetuneConfig, check_inputs
+from pipelines.training.config import FinetuneConfig
+from pipelines.training.run import check_inputs
 
 H, W = 8, 10
 NAMES = ["road", "car", "sky"]

@@ -17,6 +17,8 @@ import pyarrow as pa
 from pipelines.annotations import ReviewedSet
 from pipelines.evaluation.report import EvaluationResult
 from pipelines.images import IGNORE_ID
+from pipelines.label_output import LabelOutput
+from pipelines.label_queries import labels_connection
 from pipelines.masks import decode_mask_png
 from pipelines.metrics import compute_metrics, confusion_matrix
 from pipelines.pairs import IGNORE_INDEX
@@ -28,8 +30,6 @@ MAX_LISTED = 100
 def evaluate_labels(run_uri: str, reviewed: ReviewedSet, benchmark: str = "labels") -> EvaluationResult:
     """Per-class IoU of the run's masks on the reviewed images it labelled; ``benchmark`` names the report
     (``evaluation_<benchmark>.json``)."""
-    from pipelines.labelling import LabelOutput, labels_connection
-
     started = time.perf_counter()
     run = LabelOutput.existing(run_uri)
     manifest = run.read_manifest() or {}

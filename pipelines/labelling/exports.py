@@ -1,5 +1,5 @@
 """Exports of a labelling output into the formats people train and review with. Every export streams: rows come
-64 at a time from DuckDB (:func:`pipelines.labelling.queries.labelled_rows`) and leave in bounded shards, so memory
+64 at a time from DuckDB (:func:`pipelines.label_queries.labelled_rows`) and leave in bounded shards, so memory
 does not grow with the run.
 
     hf            Hugging Face ``datasets``: ``data/train-*.parquet`` with ``image`` and ``label`` as Image features
@@ -11,7 +11,7 @@ does not grow with the run.
     png           ``<image_id>.png`` (the stored mask) plus ``index.json``
 
 The first three need the ``export`` extra (``pip install 'catseg-ray[export]'``). ``where`` (a SQL condition on
-``labels``) and ``review`` (the N least certain images, :data:`pipelines.labelling.queries.REVIEW_ORDER`) select
+``labels``) and ``review`` (the N least certain images, :data:`pipelines.label_queries.REVIEW_ORDER`) select
 the rows.
 """
 
@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.labelling.output import LabelOutput
+from pipelines.label_output import LabelOutput
+from pipelines.label_queries import Output, labelled_rows, opened
 from pipelines.labelling.preview import class_color, hex_color
-from pipelines.labelling.queries import Output, labelled_rows, opened
 from pipelines.masks import REVIEW_COLUMNS, decode_mask_png, unlabelled_value
 
 EXPORT_EXTRA = "catseg-ray[export]"

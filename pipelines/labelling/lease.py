@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines import storage
-from pipelines.labelling.output import LEASE_FILE, OutputConflictError
+from pipelines.label_output import LEASE_FILE, OutputConflictError
 
 logger = logging.getLogger(__name__)
 

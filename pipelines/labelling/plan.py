@@ -40,6 +40,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
+from pipelines.label_output import LabelOutput, is_committed, replace_file
 from pipelines.labelling.buckets import (
     BUCKETS,
     ORDER_SHIFT,
@@ -52,7 +53,6 @@ from pipelines.labelling.buckets import (
     write_table,
 )
 from pipelines.labelling.buckets import failure as task_failure
-from pipelines.labelling.output import LabelOutput, is_committed, replace_file
 from pipelines.labelling.sources import list_sources
 from pipelines.rows import PERMANENT, TRANSIENT
 

@@ -22,8 +22,8 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.images import decode_image
-from pipelines.labelling.output import LabelOutput
-from pipelines.labelling.queries import REVIEW_ORDER, labels_connection
+from pipelines.label_output import LabelOutput
+from pipelines.label_queries import REVIEW_ORDER, labels_connection
 from pipelines.masks import UNLABELLED_8BIT, UNLABELLED_16BIT, decode_mask_png
 
 IMAGES_DIR = "images"

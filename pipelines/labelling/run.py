@@ -34,15 +34,15 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from pipelines import cluster, storage
-from pipelines.labelling.config import LabelConfig
-from pipelines.labelling.lease import OutputLease
-from pipelines.labelling.output import (
+from pipelines.label_output import (
     OUTPUT_SCHEMA,
     LabelOutput,
     OutputConflictError,
     finish_run_manifest,
     start_run_manifest,
 )
+from pipelines.labelling.config import LabelConfig
+from pipelines.labelling.lease import OutputLease
 from pipelines.labelling.plan import InputPlan, TodoDatasource, count_attempt_rows, new_attempt_id, plan_inputs
 from pipelines.labelling.sources import NoInputsError, check_source
 from pipelines.labelling.stages import (
@@ -92,7 +92,7 @@ def label_images(
     output: LabelOutput,
 ) -> None:
     """The labelling chain: to-do rows (image_id, source_uri, known error) -> read -> decode -> model -> encode
-    -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.labelling.output`)."""
+    -> Parquet files under ``<output>/data/`` (each file commits its rows; see :mod:`pipelines.label_output`)."""
     names = list(config.vocabulary.names)
     # Blocks of rows_per_file rows (the to-do files' row groups) from read to write: a file commits per block, and
     # per-block overhead (tens of ms over the stages) stays small against the rows even when every row is an

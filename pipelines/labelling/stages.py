@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.images import DEFAULT_MAX_PIXELS, decode_image
-from pipelines.labelling.output import OUTPUT_SCHEMA
+from pipelines.label_output import OUTPUT_SCHEMA
 from pipelines.masks import (
     REVIEW_COLUMNS,
     class_statistics,

@@ -14,10 +14,10 @@ from pipelines.lazy import lazy_exports
 
 # public name -> the module that defines it
 _HOMES = {
-    "FinetuneConfig": "run",
+    "FinetuneConfig": "config",
     "check_inputs": "run",
     "run_finetuning": "run",
-    "LAYOUTS": "sources",
+    "LAYOUTS": "config",
     "load_dataset": "sources",
     "checkpoint_uri": "checkpoints",
     "list_checkpoints": "checkpoints",

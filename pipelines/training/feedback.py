@@ -29,6 +29,8 @@ import numpy as np
 from pipelines import storage
 from pipelines.annotations import ReviewedSet, check_vocabulary, encode_label_png
 from pipelines.coco import coco_class_names, read_coco
+from pipelines.label_output import LabelOutput
+from pipelines.label_queries import labelled_rows
 from pipelines.label_studio import LabelStudioAccess, export_class_names, read_export
 from pipelines.masks import decode_confidence_png, decode_mask_png
 from pipelines.pairs import IGNORE_INDEX, SegmentationDataset
@@ -132,8 +134,6 @@ def _label_studio(
 
 
 def _run(uri: str, options: FeedbackOptions) -> tuple[Any, dict[str, Any]]:
-    from pipelines.labelling import LabelOutput
-
     run = LabelOutput.existing(uri)
     manifest = run.read_manifest() or {}
     if not (manifest.get("vocabulary") or {}).get("names"):
@@ -150,8 +150,6 @@ def _labels_dataset(
     source: TrainingSource, vocabulary: Sequence[str], options: FeedbackOptions, index: int
 ) -> SegmentationDataset:
     """The run's rows chosen by ``options.where``, written as label PNGs on ``vocabulary`` under the work folder."""
-    from pipelines.labelling import labelled_rows
-
     if options.work_uri is None:
         raise ValueError("the labels source needs a folder to write its labels to")
     run, manifest = _run(source.data, options)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.images import decode_label
 from pipelines.pairs import LabelEncodingName, SegmentationDataset, manifest_dataset, read_class_names, read_pair_table
+from pipelines.training.config import LAYOUTS, FinetuneConfig
 from pipelines.training.datasets import check_training_ids
 from pipelines.training.feedback import (
     FEEDBACK_LAYOUTS,
@@ -35,10 +35,6 @@ from pipelines.training.feedback import (
 )
 from pipelines.vocabulary import load_vocabulary
 
-if TYPE_CHECKING:
-    from pipelines.training.run import FinetuneConfig
-
-LAYOUTS = ("cocostuff", "ade20k", "manifest", *FEEDBACK_LAYOUTS)
 LAYOUT_SPLITS = {
     "cocostuff": ("train2017", "val2017"),
     "ade20k": ("training", "validation"),

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipelines.labelling.output import LabelOutput
+from pipelines.label_output import LabelOutput
 
 Output = LabelOutput | str  # a resolved output, or the URI of one (resolved with LabelOutput.existing)
 
