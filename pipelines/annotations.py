@@ -16,22 +16,20 @@ images, a few KB each), and a ``data:`` URI is read by every worker like any oth
 from __future__ import annotations
 
 import base64
-import io
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from pipelines import storage
+from pipelines.masks import decode_mask_png, encode_mask_png
 from pipelines.pairs import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-MAX_CLASSES = IGNORE_INDEX  # ids 0..254; 255 marks ignored pixels in the label PNG
 PNG_DATA_PREFIX = "data:image/png;base64,"
 CHECK_THREADS = 16  # concurrent existence checks (a HEAD each on object stores)
 
@@ -95,18 +93,6 @@ def add_readable(
                 reviewed.images.append(ReviewedImage(key, uri, label))
 
 
-def check_vocabulary(names: Sequence[str], source: str) -> list[str]:
-    names = [str(name) for name in names]
-    if not names:
-        raise ValueError(f"{source}: no class names (give --classes FILE, one name per line)")
-    if len(set(names)) != len(names):
-        duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
-        raise ValueError(f"{source}: class names repeat: {duplicates[:5]}")
-    if len(names) > MAX_CLASSES:
-        raise ValueError(f"{source}: {len(names)} classes; label PNGs hold at most {MAX_CLASSES} (255 = ignore)")
-    return names
-
-
 def label_from_layers(shape: tuple[int, int], layers: Iterable[tuple[int | None, np.ndarray]]) -> np.ndarray:
     """One label from (class id, boolean mask) regions: uncovered pixels and pixels two classes claim are ignored;
     a region of a class outside the vocabulary (id None) is ignored, and still contradicts the regions it overlaps."""
@@ -121,19 +107,13 @@ def label_from_layers(shape: tuple[int, int], layers: Iterable[tuple[int | None,
     return np.where(owner >= 0, owner, IGNORE_INDEX).astype(np.uint8)
 
 
-def encode_label_png(label: np.ndarray) -> bytes:
-    """A label as an 8-bit PNG of class ids, 255 = ignored (the ``class_ids`` label encoding)."""
-    buffer = io.BytesIO()
-    Image.fromarray(label.astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def label_data_uri(label: np.ndarray) -> str:
-    return PNG_DATA_PREFIX + base64.b64encode(encode_label_png(label)).decode("ascii")
+    """A label as an 8-bit PNG of class ids, 255 = ignored (the ``class_ids`` label encoding), in a ``data:`` URI."""
+    return PNG_DATA_PREFIX + base64.b64encode(encode_mask_png(label.astype(np.uint8))).decode("ascii")
 
 
 def decode_label_data_uri(uri: str) -> np.ndarray:
-    """The label of :func:`label_data_uri` (tests and the label comparison read it back)."""
+    """The label of :func:`label_data_uri` (tests read it back)."""
     if not uri.startswith(PNG_DATA_PREFIX):
         raise ValueError("not a label PNG data URI")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri[len(PNG_DATA_PREFIX) :]))))
+    return decode_mask_png(base64.b64decode(uri[len(PNG_DATA_PREFIX) :]))

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.annotations import ReviewedSet, add_readable, check_vocabulary, label_from_layers
-from pipelines.pairs import IGNORE_INDEX
+from pipelines.annotations import ReviewedSet, add_readable, label_from_layers
+from pipelines.pairs import IGNORE_INDEX, check_label_classes
 
 
 def _read_json(uri: str) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def read_coco(uri: str, *, classes: Sequence[str] | None = None, image_root: str
         coco.createIndex()
     categories = sorted(data["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in categories]
-    reviewed = ReviewedSet(uri, check_vocabulary(list(classes) if classes is not None else names, uri))
+    reviewed = ReviewedSet(uri, check_label_classes(list(classes) if classes is not None else names, uri))
     ids = {name: i for i, name in enumerate(reviewed.class_names)}
     class_of = {c["id"]: ids.get(str(c["name"])) for c in categories}
     root = image_root or posixpath.dirname(uri.rstrip("/"))

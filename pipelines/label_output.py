@@ -119,6 +119,16 @@ class LabelOutput:
         with self.fs.open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
 
+    def read_vocabulary(self) -> tuple[dict[str, Any], list[str]]:
+        """The run manifest and its class names (mask value i = names[i]); refused when it lists none."""
+        manifest = self.read_manifest() or {}
+        names = list((manifest.get("vocabulary") or {}).get("names") or [])
+        if not names:
+            raise ValueError(
+                f"{self.uri} has no manifest.json with its vocabulary (the class names): is it a jobs.label output?"
+            )
+        return manifest, names
+
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace the manifest in one step: a single PUT on object stores, write-then-rename on local disks."""
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.annotations import ReviewedSet, add_readable, check_vocabulary, label_from_layers, must_exist
+from pipelines.annotations import ReviewedSet, add_readable, label_from_layers, must_exist
+from pipelines.pairs import check_label_classes
 
 LABEL_CONFIG_FILE = "label_config.xml"  # what our Label Studio export writes beside its tasks
 UPLOAD_PREFIX = "/data/"  # Label Studio serves its uploaded files under /data/upload/...
@@ -149,7 +150,7 @@ def read_export(
     tasks = _read_tasks(export_uri)
     if classes is None:
         classes = export_class_names(export_uri, label_config, tasks)
-    reviewed = ReviewedSet(export_uri, check_vocabulary(classes, export_uri))
+    reviewed = ReviewedSet(export_uri, check_label_classes(classes, export_uri))
     ids = {name: i for i, name in enumerate(reviewed.class_names)}
     candidates: list[tuple[str, str, np.ndarray]] = []
     for task in tasks:

@@ -8,6 +8,7 @@ the confidence threshold), so an 8-bit mask holds class ids 0..254 at most.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,16 @@ def mask_dtype(num_classes: int) -> np.dtype:
 def unlabelled_value(num_classes: int) -> int:
     """The pixel value meaning "no class" for a vocabulary of this size."""
     return UNLABELLED_8BIT if mask_dtype(num_classes) == np.uint8 else UNLABELLED_16BIT
+
+
+def class_id_lookup(from_names: Sequence[str], to_names: Sequence[str], missing: int, dtype: Any) -> np.ndarray:
+    """A table from every mask value of the vocabulary ``from_names`` to the id of the same name in ``to_names``;
+    values with no such name (the unlabelled value, classes ``to_names`` lacks) map to ``missing``."""
+    ids = {name: i for i, name in enumerate(to_names)}
+    lookup = np.full(UNLABELLED_16BIT + 1, missing, dtype=dtype)
+    for value, name in enumerate(from_names):
+        lookup[value] = ids.get(name, missing)
+    return lookup
 
 
 def labels_to_mask(

@@ -8,6 +8,7 @@ Every URI may be a local path or any fsspec URI (s3://, gs://, ...).
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import pyarrow.csv
 import pyarrow.dataset
 
 from pipelines import storage
-from pipelines.vocabulary import read_class_list
+from pipelines.vocabulary import check_names, read_class_list
 
 IGNORE_INDEX = 255
 # How a set's label PNGs encode class ids (the keys of pipelines.images.LABEL_ENCODINGS it may use): "class_ids"
@@ -57,14 +58,25 @@ class SegmentationDataset:
 
 def read_class_names(uri: str) -> list[str]:
     """A training class-names file (:func:`pipelines.vocabulary.read_class_list`: line i = label id i-1) of at most
-    255 names, since label PNGs reserve 255 for 'ignore'."""
-    names = read_class_list(uri)
+    255 names (:func:`check_label_classes`)."""
+    return check_label_classes(read_class_list(uri), uri)
+
+
+def check_label_classes(names: Sequence[str], source: str) -> list[str]:
+    """``names`` as a vocabulary (:func:`pipelines.vocabulary.check_names`) that 8-bit label PNGs can hold: at most
+    255 names, since they reserve 255 for 'ignore'."""
+    names = list(check_names(list(names), source))
     if len(names) > IGNORE_INDEX:
         raise ValueError(
-            f"{uri} lists {len(names)} classes, but label PNGs reserve {IGNORE_INDEX} for 'ignore': at most "
+            f"{source} lists {len(names)} classes, but label PNGs reserve {IGNORE_INDEX} for 'ignore': at most "
             f"{IGNORE_INDEX} classes (ids 0..{IGNORE_INDEX - 1}) are supported"
         )
     return names
+
+
+def stable_fraction(text: str) -> float:
+    """A number in [0, 1] from a hash of ``text``: the same on every run and machine (hold-outs, sampling)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def manifest_dataset(manifest_uri: str, classes_uri: str, split: str | None = None) -> SegmentationDataset:

@@ -19,7 +19,7 @@ from pipelines.evaluation.report import EvaluationResult
 from pipelines.images import IGNORE_ID
 from pipelines.label_output import LabelOutput
 from pipelines.label_queries import labels_connection
-from pipelines.masks import decode_mask_png
+from pipelines.masks import class_id_lookup, decode_mask_png
 from pipelines.metrics import compute_metrics, confusion_matrix
 from pipelines.pairs import IGNORE_INDEX
 
@@ -32,15 +32,9 @@ def evaluate_labels(run_uri: str, reviewed: ReviewedSet, benchmark: str = "label
     (``evaluation_<benchmark>.json``)."""
     started = time.perf_counter()
     run = LabelOutput.existing(run_uri)
-    manifest = run.read_manifest() or {}
-    run_names = list((manifest.get("vocabulary") or {}).get("names") or [])
-    if not run_names:
-        raise ValueError(f"{run_uri} has no manifest.json with its vocabulary: is it a jobs.label output?")
+    manifest, run_names = run.read_vocabulary()
     names = list(reviewed.class_names)
-    ids = {name: i for i, name in enumerate(names)}
-    lookup = np.full(65536, len(names), dtype=np.int64)  # run class id -> reviewed id, else UNLABELLED
-    for run_id, name in enumerate(run_names):
-        lookup[run_id] = ids.get(name, len(names))
+    lookup = class_id_lookup(run_names, names, len(names), np.int64)  # run class -> reviewed id, else UNLABELLED
     wanted = {image.image_uri: image for image in reviewed.images}
     confusion = np.zeros((len(names) + 1, len(names) + 1), dtype=np.int64)
     matched: set[str] = set()

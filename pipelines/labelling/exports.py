@@ -57,14 +57,6 @@ def _require(module: str, export: str) -> Any:
         raise ImportError(f"the {export} export needs {module.split('.')[0]}: pip install '{EXPORT_EXTRA}'") from err
 
 
-def _run_facts(output: LabelOutput) -> tuple[dict[str, Any], list[str]]:
-    manifest = output.read_manifest() or {}
-    names = list(manifest.get("vocabulary", {}).get("names") or [])
-    if not names:
-        raise ValueError(f"{output.uri} has no manifest.json with the vocabulary: exports need the class names")
-    return manifest, names
-
-
 class _StreamedFile:
     """A file written in pieces to any fsspec URI (local, or a multipart upload on object stores)."""
 
@@ -114,7 +106,7 @@ def export_coco(
     ignore crowd regions in training).
     """
     mask_api = _require("pycocotools.mask", "coco")
-    manifest, names = _run_facts(output)
+    manifest, names = output.read_vocabulary()
     categories = [{"id": i + 1, "name": name, "catseg_class_id": i} for i, name in enumerate(names)]
     out = _StreamedFile(storage.join(destination, "annotations.json"))
     info = {"description": "CAT-Seg pseudo-labels", "run_id": manifest.get("run_id"),
@@ -177,7 +169,7 @@ def export_label_studio(
     review the least certain first) and one BrushLabels result per class present, RLE-encoded by label-studio-sdk.
     """
     brush = _require("label_studio_sdk.converter.brush", "label-studio")
-    manifest, names = _run_facts(output)
+    manifest, names = output.read_vocabulary()
     storage.write_text(storage.join(destination, "label_config.xml"), label_studio_config(names))
     model_version = manifest.get("model", {}).get("id") or "catseg"
     files: list[str] = ["label_config.xml"]
@@ -308,7 +300,7 @@ def export_hf(
     """A Hugging Face dataset folder: ``data/train-NNNNN.parquet`` shards (at most 1,000 rows or 256 MB of image
     data each), ``id2label.json`` and a dataset card; ``load_dataset(<destination>)`` opens it."""
     datasets = _require("datasets", "hf")
-    manifest, names = _run_facts(output)
+    manifest, names = output.read_vocabulary()
     schema = hf_features(datasets).arrow_schema  # carries the features as Parquet metadata ("huggingface")
     columns = ["image_id", "source_uri", "width", "height", "mask_png", "class_stats", *REVIEW_COLUMNS]
     files: list[str] = []

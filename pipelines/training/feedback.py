@@ -16,7 +16,6 @@ millions, are written once as PNG files under the fine-tuning run's folder (``so
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from collections.abc import Sequence
@@ -27,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.annotations import ReviewedSet, check_vocabulary, encode_label_png
+from pipelines.annotations import ReviewedSet
 from pipelines.coco import coco_class_names, read_coco
 from pipelines.label_output import LabelOutput
 from pipelines.label_queries import labelled_rows
 from pipelines.label_studio import LabelStudioAccess, export_class_names, read_export
-from pipelines.masks import decode_confidence_png, decode_mask_png
-from pipelines.pairs import IGNORE_INDEX, SegmentationDataset
+from pipelines.masks import class_id_lookup, decode_confidence_png, decode_mask_png, encode_mask_png
+from pipelines.pairs import IGNORE_INDEX, SegmentationDataset, check_label_classes, stable_fraction
 
 FEEDBACK_LAYOUTS = ("label-studio", "coco", "labels")
 WRITE_THREADS = 16  # label PNGs written concurrently (object-store PUTs)
@@ -75,7 +74,7 @@ class FeedbackOptions:
 def source_class_names(source: TrainingSource, options: FeedbackOptions) -> list[str]:
     """A loop source's own class list (read cheaply: no label is decoded)."""
     if source.layout == "labels":
-        return list(_run(source.data, options)[1]["vocabulary"]["names"])
+        return _run(source.data, options)[1]
     if source.layout == "coco":
         return coco_class_names(source.data)
     return export_class_names(source.data)
@@ -105,7 +104,7 @@ def weighted(dataset: SegmentationDataset, weight: float) -> SegmentationDataset
     whole, fraction = int(weight), weight - int(weight)
     indices = []
     for i, (image, _) in enumerate(dataset.pairs):
-        extra = int(hashlib.sha1(f"{i}:{image}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+        extra = stable_fraction(f"{i}:{image}") < fraction
         indices.extend([i] * (whole + int(extra)))
     return dataset.subset(indices)
 
@@ -133,17 +132,16 @@ def _label_studio(
     return read_export(source.data, classes=vocabulary, access=access, copy_uploads_to=uploads)
 
 
-def _run(uri: str, options: FeedbackOptions) -> tuple[Any, dict[str, Any]]:
+def _run(uri: str, options: FeedbackOptions) -> tuple[LabelOutput, list[str]]:
+    """The run and its class names, refused up front when ``--min-confidence`` has no confidence PNGs to read."""
     run = LabelOutput.existing(uri)
-    manifest = run.read_manifest() or {}
-    if not (manifest.get("vocabulary") or {}).get("names"):
-        raise ValueError(f"{uri} has no manifest.json with its vocabulary: is it a jobs.label output?")
+    manifest, names = run.read_vocabulary()
     if options.min_confidence is not None and not (manifest.get("config") or {}).get("confidence"):
         raise ValueError(
             f"--min-confidence needs the run's confidence PNGs, and {uri} stored none: label with --confidence, "
             "or drop --min-confidence"
         )
-    return run, manifest
+    return run, names
 
 
 def _labels_dataset(
@@ -152,13 +150,9 @@ def _labels_dataset(
     """The run's rows chosen by ``options.where``, written as label PNGs on ``vocabulary`` under the work folder."""
     if options.work_uri is None:
         raise ValueError("the labels source needs a folder to write its labels to")
-    run, manifest = _run(source.data, options)
-    run_names = list(manifest["vocabulary"]["names"])
-    ids = {name: i for i, name in enumerate(check_vocabulary(vocabulary, "--classes"))}
+    run, run_names = _run(source.data, options)
     # run class id -> vocabulary id; the run's unlabelled value and classes outside the vocabulary -> ignored
-    lookup = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
-    for run_id, name in enumerate(run_names):
-        lookup[run_id] = ids.get(name, IGNORE_INDEX)
+    lookup = class_id_lookup(run_names, check_label_classes(vocabulary, "--classes"), IGNORE_INDEX, np.uint8)
     folder = storage.join(options.work_uri, f"{index}-labels")
     columns = ["image_id", "source_uri", "mask_png"]
     if options.min_confidence is not None:
@@ -169,7 +163,7 @@ def _labels_dataset(
         if options.min_confidence is not None and row.get("confidence_png") is not None:
             label[decode_confidence_png(row["confidence_png"]) < options.min_confidence] = IGNORE_INDEX
         uri = storage.join(folder, f"{row['image_id']}.png")
-        storage.write_bytes(uri, encode_label_png(label))
+        storage.write_bytes(uri, encode_mask_png(label))
         return row["source_uri"], uri
 
     pairs: list[tuple[str, str]] = []

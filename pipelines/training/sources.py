@@ -13,7 +13,6 @@ each turned into a :class:`~pipelines.pairs.SegmentationDataset`, and the checks
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +20,14 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.images import decode_label
-from pipelines.pairs import LabelEncodingName, SegmentationDataset, manifest_dataset, read_class_names, read_pair_table
+from pipelines.pairs import (
+    LabelEncodingName,
+    SegmentationDataset,
+    manifest_dataset,
+    read_class_names,
+    read_pair_table,
+    stable_fraction,
+)
 from pipelines.training.config import LAYOUTS, FinetuneConfig
 from pipelines.training.datasets import check_training_ids
 from pipelines.training.feedback import (
@@ -40,13 +46,9 @@ LAYOUT_SPLITS = {
     "ade20k": ("training", "validation"),
     "manifest": ("train", "val"),
 }
-
-
 LABEL_SUFFIXES = (".png",)
 # Class lists in CAT-Seg's order (its datasets/coco.json, ade150.json); train id = position. One copy: the presets.
 COCO_STUFF_CLASSES = list(load_vocabulary(preset="cocostuff171").names)
-
-
 ADE20K_CLASSES = list(load_vocabulary(preset="ade150").names)
 
 
@@ -129,7 +131,7 @@ def holdout_split(dataset: SegmentationDataset, fraction: float) -> tuple[Segmen
     """(train, val) by a stable hash of each image URI: the same pairs land in val on every run and machine."""
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    buckets = [int(hashlib.sha1(image.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for image, _ in dataset.pairs]
+    buckets = [stable_fraction(image) for image, _ in dataset.pairs]
     val = [i for i, b in enumerate(buckets) if b < fraction]
     if not val:  # tiny datasets: still hold out one pair
         val = [int(np.argmin(buckets))]
